@@ -1,0 +1,245 @@
+"""The U-Net of Ho et al. (2020), exactly as REFERENCE.md §2 specifies it, in Flax linen (NHWC).
+
+Parameters are float32; `dtype` sets the compute precision (float32 or bfloat16). Submodule names
+are part of the interface: the checkpoint importers in `ddpm_jax.convert` address weights by them.
+"""
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+NUM_GROUPS = 32  # GroupNorm groups, everywhere
+NORM_EPS = 1e-6
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def default_init(scale=1.0):
+  """The official initializer: variance scaling, fan_avg, uniform; scale 0 means 1e-10 (near zero)."""
+  # Flax's fans for HWIO conv kernels are in*kh*kw and out*kh*kw, as in the official TF code.
+  return nn.initializers.variance_scaling(scale or 1e-10, "fan_avg", "uniform")
+
+
+def level_resolutions(image_size, num_levels):
+  """Spatial resolution of each U-Net level: image_size, image_size/2, ..."""
+  return tuple(image_size // 2**level for level in range(num_levels))
+
+
+def attention_levels(*, image_size, num_levels, attn_resolutions):
+  """The levels whose resolution is one of attn_resolutions (attention after each of their blocks)."""
+  resolutions = level_resolutions(image_size, num_levels)
+  return tuple(level for level, res in enumerate(resolutions) if res in attn_resolutions)
+
+
+def timestep_embedding(t, dim):
+  """Sinusoidal embedding of timesteps t [B] -> float32 [B, dim]: sin half, then cos half."""
+  assert t.ndim == 1 and dim % 2 == 0, (t.shape, dim)
+  half = dim // 2
+  # Frequencies in float64, rounded once: exp(-i ln(10000) / (half - 1)).
+  freqs = np.exp(-math.log(10000.0) * np.arange(half) / (half - 1)).astype(np.float32)
+  args = t.astype(jnp.float32)[:, None] * freqs[None, :]
+  return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=1)
+
+
+def _conv(features, *, name, dtype, kernel=3, strides=1, padding=1, init_scale=1.0):
+  """A square conv with the official init (zero bias); `padding` is symmetric or explicit pairs."""
+  pad = ((padding, padding), (padding, padding)) if isinstance(padding, int) else padding
+  return nn.Conv(features, (kernel, kernel), strides=strides, padding=pad, name=name, dtype=dtype,
+                 kernel_init=default_init(init_scale))
+
+
+def _dense(features, *, name, dtype, init_scale=1.0):
+  """A dense layer over the last axis (the official `dense`/`nin`) with the official init."""
+  return nn.Dense(features, name=name, dtype=dtype, kernel_init=default_init(init_scale))
+
+
+def _group_norm(*, name, dtype):
+  """GroupNorm, 32 groups, eps 1e-6; statistics in float32 with the two-pass variance."""
+  return nn.GroupNorm(num_groups=NUM_GROUPS, epsilon=NORM_EPS, use_fast_variance=False,
+                      name=name, dtype=dtype)
+
+
+class ResnetBlock(nn.Module):
+  """GN-swish-conv, + Dense(swish(temb)), GN-swish-dropout-conv(near zero), + (nin) shortcut."""
+  out_ch: int
+  dropout: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, temb, *, train):
+    h = nn.swish(_group_norm(name="norm1", dtype=self.dtype)(x))
+    h = _conv(self.out_ch, name="conv1", dtype=self.dtype)(h)
+    h = h + _dense(self.out_ch, name="temb_proj", dtype=self.dtype)(nn.swish(temb))[:, None, None, :]
+    h = nn.swish(_group_norm(name="norm2", dtype=self.dtype)(h))
+    h = nn.Dropout(self.dropout, name="dropout")(h, deterministic=not train)
+    h = _conv(self.out_ch, name="conv2", dtype=self.dtype, init_scale=0.0)(h)
+    if x.shape[-1] != self.out_ch:
+      x = _dense(self.out_ch, name="nin_shortcut", dtype=self.dtype)(x)
+    return x + h
+
+
+class AttnBlock(nn.Module):
+  """Single-head self-attention over all H*W positions, near-zero output projection, residual."""
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    b, height, width, c = x.shape
+    h = _group_norm(name="norm", dtype=self.dtype)(x)
+    q, k, v = (_dense(c, name=n, dtype=self.dtype)(h).reshape(b, height * width, c) for n in "qkv")
+    logits = jnp.einsum("bic,bjc->bij", q, k).astype(jnp.float32) * c**-0.5
+    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    h = jnp.einsum("bij,bjc->bic", weights, v).reshape(b, height, width, c)
+    return x + _dense(c, name="proj_out", dtype=self.dtype, init_scale=0.0)(h)
+
+
+class Downsample(nn.Module):
+  """Halves H and W: conv3x3 stride 2 with TF 'SAME' padding, or 2x2 average pooling."""
+  with_conv: bool
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    b, height, width, c = x.shape
+    if self.with_conv:
+      # TF 'SAME' with stride 2 on an even size pads 0 before and 1 after (bottom/right).
+      x = _conv(c, name="conv", dtype=self.dtype, strides=2, padding=((0, 1), (0, 1)))(x)
+    else:
+      x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+    assert x.shape == (b, height // 2, width // 2, c), x.shape
+    return x
+
+
+class Upsample(nn.Module):
+  """Doubles H and W: nearest neighbour, then conv3x3 if with_conv."""
+  with_conv: bool
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    if self.with_conv:
+      x = _conv(x.shape[-1], name="conv", dtype=self.dtype)(x)
+    return x
+
+
+class UNet(nn.Module):
+  """The DDPM U-Net: x [B,H,W,C] in [-1,1] and integer t [B] -> float32 [B,H,W,out_ch]."""
+  ch: int
+  out_ch: int
+  ch_mult: tuple[int, ...]
+  num_res_blocks: int
+  attn_resolutions: tuple[int, ...]
+  dropout: float
+  resamp_with_conv: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, t, *, train: bool):
+    b, height, width, _ = x.shape
+    assert t.shape == (b,), (t.shape, x.shape)
+    assert height == width and height % 2 ** (len(self.ch_mult) - 1) == 0, x.shape
+    temb = self._time_embedding(t)
+    h = _conv(self.ch, name="conv_in", dtype=self.dtype)(x.astype(self.dtype))
+    h, skips = self._down(h, temb, train=train)
+    h = self._middle(h, temb, train=train)
+    h = self._up(h, skips, temb, train=train)
+    h = nn.swish(_group_norm(name="norm_out", dtype=self.dtype)(h))
+    h = _conv(self.out_ch, name="conv_out", dtype=self.dtype, init_scale=0.0)(h)
+    assert h.shape == (b, height, width, self.out_ch), h.shape
+    return h.astype(jnp.float32)
+
+  def _time_embedding(self, t):
+    """Sinusoidal embedding of t, then Dense(4ch) - swish - Dense(4ch)."""
+    temb = timestep_embedding(t, self.ch).astype(self.dtype)
+    temb = _dense(4 * self.ch, name="temb_dense0", dtype=self.dtype)(temb)
+    return _dense(4 * self.ch, name="temb_dense1", dtype=self.dtype)(nn.swish(temb))
+
+  def _down(self, h, temb, *, train):
+    """The downsampling path; returns h and every intermediate output, kept as skips."""
+    skips = [h]
+    for level, mult in enumerate(self.ch_mult):
+      for i in range(self.num_res_blocks):
+        h = self._level_block(h, temb, prefix=f"down_{level}", index=i, out_ch=self.ch * mult, train=train)
+        skips.append(h)
+      if level != len(self.ch_mult) - 1:
+        h = Downsample(self.resamp_with_conv, dtype=self.dtype, name=f"down_{level}_downsample")(h)
+        skips.append(h)
+    return h, skips
+
+  def _middle(self, h, temb, *, train):
+    """ResNet block, attention, ResNet block at the lowest resolution."""
+    c = h.shape[-1]
+    h = ResnetBlock(c, self.dropout, dtype=self.dtype, name="mid_block_1")(h, temb, train=train)
+    h = AttnBlock(dtype=self.dtype, name="mid_attn")(h)
+    return ResnetBlock(c, self.dropout, dtype=self.dtype, name="mid_block_2")(h, temb, train=train)
+
+  def _up(self, h, skips, temb, *, train):
+    """The upsampling path: num_res_blocks + 1 blocks per level, each on concat([h, skips.pop()])."""
+    for level in reversed(range(len(self.ch_mult))):
+      for i in range(self.num_res_blocks + 1):
+        h = jnp.concatenate([h, skips.pop()], axis=-1)
+        h = self._level_block(h, temb, prefix=f"up_{level}", index=i, out_ch=self.ch * self.ch_mult[level],
+                              train=train)
+      if level != 0:
+        h = Upsample(self.resamp_with_conv, dtype=self.dtype, name=f"up_{level}_upsample")(h)
+    assert not skips, len(skips)
+    return h
+
+  def _level_block(self, h, temb, *, prefix, index, out_ch, train):
+    """`{prefix}_block_{index}`, then `{prefix}_attn_{index}` at attention resolutions."""
+    block = ResnetBlock(out_ch, self.dropout, dtype=self.dtype, name=f"{prefix}_block_{index}")
+    h = block(h, temb, train=train)
+    if h.shape[1] in self.attn_resolutions:
+      h = AttnBlock(dtype=self.dtype, name=f"{prefix}_attn_{index}")(h)
+    return h
+
+
+def _check_model_config(*, ch, ch_mult, num_res_blocks, attn_resolutions, dropout, dtype, image_size,
+                        num_channels):
+  """Raises ValueError, naming the offending value, for a config this U-Net cannot be built from."""
+  if not ch_mult:
+    raise ValueError("model.ch_mult is empty; the U-Net needs at least one level.")
+  if not all(isinstance(m, int) and m >= 1 for m in ch_mult):
+    raise ValueError(f"model.ch_mult={ch_mult} must hold positive integers.")
+  if num_res_blocks < 1:
+    raise ValueError(f"model.num_res_blocks={num_res_blocks} must be at least 1.")
+  if not 0.0 <= dropout < 1.0:
+    raise ValueError(f"model.dropout={dropout} must be in [0, 1).")
+  if dtype not in DTYPES:
+    raise ValueError(f"model.dtype={dtype!r} is not one of {sorted(DTYPES)}.")
+  if num_channels < 1:
+    raise ValueError(f"data.num_channels={num_channels} must be at least 1.")
+  for channels in (ch, *(ch * m for m in ch_mult)):
+    if channels < 1 or channels % NUM_GROUPS:
+      raise ValueError(f"model.ch={ch} with model.ch_mult={ch_mult} gives {channels} channels, which is not "
+                       f"a positive multiple of the {NUM_GROUPS} GroupNorm groups.")
+  factor = 2 ** (len(ch_mult) - 1)
+  if image_size < factor or image_size % factor:
+    raise ValueError(f"data.image_size={image_size} must be a positive multiple of {factor} = "
+                     f"2**(len(model.ch_mult) - 1) for a {len(ch_mult)}-level U-Net.")
+  resolutions = level_resolutions(image_size, len(ch_mult))
+  for res in attn_resolutions:
+    if res not in resolutions:
+      raise ValueError(f"model.attn_resolutions contains {res}, which never occurs in this U-Net; "
+                       f"its resolutions are {resolutions}.")
+
+
+def create_model(model_config, *, image_size: int, num_channels: int, learned_variance: bool) -> UNet:
+  """Builds the UNet of a `config.model` section, validating it first (plain Python, before any jit)."""
+  fields = dict(ch=int(model_config.ch), ch_mult=tuple(model_config.ch_mult),
+                num_res_blocks=int(model_config.num_res_blocks),
+                attn_resolutions=tuple(int(r) for r in model_config.attn_resolutions),
+                dropout=float(model_config.dropout))
+  _check_model_config(**fields, dtype=model_config.dtype, image_size=int(image_size),
+                      num_channels=int(num_channels))
+  return UNet(**fields, out_ch=num_channels * (2 if learned_variance else 1),
+              resamp_with_conv=bool(model_config.resamp_with_conv), dtype=DTYPES[model_config.dtype])
+
+
+def count_params(params) -> int:
+  """Number of scalars in a params pytree (arrays or jax.ShapeDtypeStructs)."""
+  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params))
