@@ -49,7 +49,9 @@ def get_config():
   training.adam_eps = 1e-8
   training.grad_clip = 1.0
   training.ema_decay = 0.9999
-  training.steps_per_dispatch = 1  # >1 runs that many steps in one lax.scan per dispatch
+  # >1 runs that many steps in one lax.scan per dispatch (for TPUs/GPUs with a slow host; not on CPU,
+  # where XLA runs the backward pass of a loop body far slower than the same step dispatched alone)
+  training.steps_per_dispatch = 1
   training.log_every = 100
   training.sample_every = 10_000
   training.num_grid_samples = 64

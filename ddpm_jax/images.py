@@ -1,0 +1,40 @@
+"""Pictures people look at: sample grids and denoising-chain strips, as uint8 PNG files."""
+
+import math
+import os
+
+import numpy as np
+from PIL import Image
+
+
+def make_grid(images: np.ndarray, *, ncols: int | None = None, padding: int = 2, pad_value: int = 255) -> np.ndarray:
+  """Tiles uint8 images [N, H, W, C] row-major into one [rows*(H+p)+p, cols*(W+p)+p, C] image."""
+  assert images.ndim == 4 and images.dtype == np.uint8, (images.shape, images.dtype)
+  n, h, w, c = images.shape
+  ncols = ncols or max(1, math.ceil(math.sqrt(n)))
+  nrows = max(1, math.ceil(n / ncols))
+  grid = np.full((nrows * (h + padding) + padding, ncols * (w + padding) + padding, c), pad_value, np.uint8)
+  for i in range(n):
+    r, col = divmod(i, ncols)
+    y, x = padding + r * (h + padding), padding + col * (w + padding)
+    grid[y:y + h, x:x + w] = images[i]
+  return grid
+
+
+def chain_grid(chain: np.ndarray, *, padding: int = 2) -> np.ndarray:
+  """A denoising chain [steps, N, H, W, C] as a picture: one row per sample, one column per step."""
+  steps, n = chain.shape[:2]
+  return make_grid(np.swapaxes(chain, 0, 1).reshape((steps * n,) + chain.shape[2:]), ncols=steps, padding=padding)
+
+
+def upscale(image: np.ndarray, factor: int) -> np.ndarray:
+  """Nearest-neighbour enlargement, so 16x16 or 32x32 samples are visible in an image viewer."""
+  return image.repeat(factor, axis=0).repeat(factor, axis=1) if factor > 1 else image
+
+
+def save_png(path: str, image: np.ndarray, *, min_size: int = 512) -> str:
+  """Writes a uint8 [H, W, C] image (C = 1 or 3), enlarged to at least `min_size` pixels wide."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  image = upscale(image, max(1, math.ceil(min_size / image.shape[1])))
+  Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
+  return path

@@ -1,0 +1,64 @@
+"""Entry point: `python -m ddpm_jax.main --config=configs/cifar10.py --workdir=DIR [--mode=train|sample]`.
+
+`--config.training.batch_size=64`-style flags override any key of the config file. Every user
+mistake ends the program with one sentence on stderr and exit status 1.
+"""
+
+import logging as std_logging
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow (for TFDS, TensorBoard) is quiet unless asked
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from ddpm_jax import checkpoint
+from ddpm_jax import data
+from ddpm_jax import parallel
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. configs/cifar10.py.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, samples, TensorBoard events and config.json.")
+flags.DEFINE_enum("mode", "train", ["train", "sample"], "train: train or resume; sample: sample from a checkpoint.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
+
+
+def run(config, workdir: str, mode: str):
+  """Runs one mode; the importable core of `main` (notebooks call this)."""
+  from ddpm_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import train  # pylint: disable=g-import-not-at-top
+  if mode == "train":
+    return train.train_and_evaluate(config, workdir)
+  if mode == "sample":
+    return evaluate.dump_samples(config, workdir)
+  raise ValueError(f"Unknown mode {mode!r}; expected 'train' or 'sample'.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  if not FLAGS.workdir.strip():
+    raise app.UsageError("--workdir must not be empty.")
+  data.hide_accelerators_from_tensorflow()
+  # orbax reports every save at INFO; keep its warnings, drop the chatter from the training log.
+  logging.get_absl_handler().addFilter(lambda r: r.levelno >= std_logging.WARNING or "/orbax/" not in r.pathname)
+  from ddpm_jax import train  # pylint: disable=g-import-not-at-top
+  try:
+    parallel.maybe_initialize_distributed(FLAGS.config.distributed)
+    run(FLAGS.config, FLAGS.workdir, FLAGS.mode)
+  except train.NonFiniteError as e:
+    logging.error("%s", e)
+    print(f"ddpm_jax: training stopped: {e}", file=sys.stderr)
+    sys.exit(1)
+  except USER_ERRORS as e:
+    print(f"ddpm_jax: error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main)

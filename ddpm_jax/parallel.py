@@ -1,0 +1,106 @@
+"""Devices and hosts: multi-host start-up, the one-axis `data` mesh, and global arrays.
+
+Steps are written pmap-style (a per-device function that averages with `lax.pmean` over
+the axis `data`) and mapped with `jax.shard_map` under `jax.jit`: one code path for one CPU,
+eight GPUs and a TPU pod.
+"""
+
+import os
+
+import jax
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXIS = "data"
+
+_TPU_POD_VARS = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+
+
+def _in_cluster_environment() -> bool:
+  """True in a multi-host TPU pod or a SLURM job of several tasks, where jax.distributed is needed."""
+  if any(v in os.environ for v in _TPU_POD_VARS):
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    return "," in hosts or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ
+  return int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ
+
+
+def maybe_initialize_distributed(distributed_config) -> None:
+  """Calls `jax.distributed.initialize` when the config asks or the environment is a pod / SLURM job.
+
+  Must run before anything touches a JAX device.
+  """
+  mode = distributed_config.initialize
+  if mode not in ("auto", "on", "off"):
+    raise ValueError(f"config.distributed.initialize must be 'auto', 'on' or 'off', got {mode!r}.")
+  if mode == "off" or (mode == "auto" and not _in_cluster_environment()):
+    return
+  kwargs = {}
+  if distributed_config.coordinator_address:
+    kwargs["coordinator_address"] = distributed_config.coordinator_address
+  if distributed_config.num_processes > 0:
+    kwargs["num_processes"] = distributed_config.num_processes
+  if distributed_config.process_id >= 0:
+    kwargs["process_id"] = distributed_config.process_id
+  jax.distributed.initialize(**kwargs)
+  logging.info("jax.distributed: process %d of %d, %d local / %d global devices.",
+               jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def make_mesh() -> Mesh:
+  """A one-axis mesh named `data` over every device of every process."""
+  return Mesh(np.asarray(jax.devices()), (AXIS,))
+
+
+def check_batch_size(batch_size: int, *, what: str) -> None:
+  """Fails early, with the numbers, when a global batch cannot be split evenly over devices and hosts."""
+  n, hosts = jax.device_count(), jax.process_count()
+  if batch_size <= 0 or batch_size % n:
+    raise ValueError(f"{what} = {batch_size} is not divisible by the number of devices ({n}); "
+                     f"choose a multiple of {n}.")
+  if batch_size % hosts:
+    raise ValueError(f"{what} = {batch_size} is not divisible by the number of processes ({hosts}).")
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh: Mesh, batch_axis: int = 0) -> NamedSharding:
+  return NamedSharding(mesh, P(*([None] * batch_axis), AXIS))
+
+
+def replicate(tree, mesh: Mesh):
+  """Places a pytree (identical on every process) on every device."""
+  return jax.device_put(tree, replicated(mesh))
+
+
+def global_batch(local_batch: np.ndarray, mesh: Mesh, batch_axis: int = 0) -> jax.Array:
+  """Assembles the global batch from each process's rows (process p holds the p-th block)."""
+  return jax.make_array_from_process_local_data(batch_sharded(mesh, batch_axis), local_batch)
+
+
+def to_host(x) -> np.ndarray:
+  """The full value of a (possibly multi-host) array as NumPy on every process."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
+def data_parallel(per_device_fn, mesh: Mesh, *, in_specs, out_specs, donate_argnums=()):
+  """jit(shard_map(per_device_fn)): the pmap idiom on a mesh of all devices.
+
+  `check_vma=False` keeps pmap's semantics: a gradient taken inside is the device's own,
+  and the function averages it with `lax.pmean` (with the check on, JAX would already
+  sum gradients of replicated inputs over devices).
+  """
+  mapped = jax.shard_map(per_device_fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+  return jax.jit(mapped, donate_argnums=donate_argnums)
+
+
+def example_ids(local_batch_size: int):
+  """Global indices of this device's examples; used to draw per-example randomness that does not
+  depend on how many devices share the batch. Call inside a `data_parallel` function."""
+  start = jax.lax.axis_index(AXIS) * local_batch_size
+  return start + jax.numpy.arange(local_batch_size)

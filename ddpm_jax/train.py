@@ -1,0 +1,318 @@
+"""Training: the train state, the paper's optimizer, the data-parallel train step and the loop.
+
+The step follows Algorithm 1 with the official recipe: Adam after global-norm clipping,
+linear learning-rate warmup, and an EMA of the weights that sampling and evaluation use.
+"""
+
+import functools
+import math
+import os
+import signal
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import PartitionSpec as P
+
+from ddpm_jax import checkpoint
+from ddpm_jax import data
+from ddpm_jax import diffusion as dm
+from ddpm_jax import images
+from ddpm_jax import parallel
+from ddpm_jax import sampling
+from ddpm_jax.models import unet
+
+
+class TrainState(NamedTuple):
+  step: jax.Array  # int32 scalar: number of updates applied
+  params: Any
+  ema_params: Any
+  opt_state: Any
+  key: jax.Array  # uint32 data of the run's base key (jax.random.key_data), stored as a plain array
+
+
+class NonFiniteError(RuntimeError):
+  """The loss or the gradient norm became NaN or infinite."""
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def make_optimizer(training_config):
+  """Adam after global-norm clipping, with linear warmup from 0 (the official recipe). Returns (tx, lr_fn)."""
+  c = training_config
+  lr_fn = (optax.linear_schedule(0.0, c.learning_rate, c.warmup_steps) if c.warmup_steps > 0
+           else optax.constant_schedule(c.learning_rate))
+  tx = optax.chain(optax.clip_by_global_norm(c.grad_clip),
+                   optax.adam(lr_fn, b1=c.adam_b1, b2=c.adam_b2, eps=c.adam_eps))
+  return tx, lr_fn
+
+
+def build(config):
+  """The diffusion, model and optimizer a config describes; every setting is checked here, early."""
+  d = dm.from_config(config.diffusion)
+  model = unet.create_model(config.model, image_size=config.data.image_size,
+                            num_channels=config.data.num_channels, learned_variance=d.learned_variance)
+  tx, lr_fn = make_optimizer(config.training)
+  return d, model, tx, lr_fn
+
+
+def image_shape(config):
+  return (config.data.image_size, config.data.image_size, config.data.num_channels)
+
+
+def init_state(model, tx, *, seed: int, shape) -> TrainState:
+  """Fresh parameters (the official initialisation), EMA equal to them, optimizer state, the base key."""
+  key = jax.random.key(seed)
+  x = jnp.zeros((1,) + tuple(shape), jnp.float32)
+  params = model.init({"params": jax.random.fold_in(key, 0)}, x, jnp.zeros((1,), jnp.int32), train=False)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params),
+                    key=jax.random.key_data(jax.random.fold_in(key, 1)))
+
+
+def abstract_state(model, tx, *, shape, mesh):
+  """Shapes, dtypes and (replicated) shardings of a train state, for restoring without initialising."""
+  abstract = jax.eval_shape(lambda: init_state(model, tx, seed=0, shape=shape))
+  sharding = parallel.replicated(mesh)
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
+
+
+def ema_update(ema, params, decay: float):
+  return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
+
+
+def per_example_randomness(step_key, ids, *, num_timesteps: int, shape):
+  """t, noise and a dropout key for each global example id: the same whatever the device count."""
+  keys = jax.vmap(jax.random.fold_in, (None, 0))(step_key, ids)
+  t = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 0), (), 0, num_timesteps))(keys)
+  noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), shape))(keys)
+  dropout_keys = jax.vmap(lambda k: jax.random.fold_in(k, 2))(keys)
+  return t, noise, dropout_keys
+
+
+def make_train_step(model, d: dm.Diffusion, tx, mesh, *, ema_decay: float, lr_fn):
+  """Returns `train_step(state, batches) -> (state, metrics)`; batches are uint8 [k, B, H, W, C].
+
+  The k steps run in one `lax.scan` (one dispatch); metrics are arrays [k]. The old state's
+  buffers are donated.
+  """
+
+  def one_step(state: TrainState, images_uint8):
+    local_batch = images_uint8.shape[0]
+    x_start = data.to_model_input(images_uint8)
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
+    t, noise, dropout_keys = per_example_randomness(
+        step_key, parallel.example_ids(local_batch), num_timesteps=d.num_timesteps, shape=x_start.shape[1:])
+
+    def loss_fn(params):
+      def model_fn(x_t, t):
+        if not model.dropout:
+          return model.apply(params, x_t, t, train=True)
+        # vmapped over examples, so each example's dropout mask depends on its id, not on the device count
+        apply_one = lambda x, tt, k: model.apply(params, x[None], tt[None], train=True, rngs={"dropout": k})[0]
+        return jax.vmap(apply_one)(x_t, t, dropout_keys)
+
+      return jnp.mean(dm.training_losses(d, model_fn, x_start=x_start, t=t, noise=noise))
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    loss, grads = jax.lax.pmean((loss, grads), parallel.AXIS)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = TrainState(step=state.step + 1, params=params, ema_params=ema_update(state.ema_params, params, ema_decay),
+                           opt_state=opt_state, key=state.key)
+    metrics = dict(loss=loss, grad_norm=optax.global_norm(grads), learning_rate=lr_fn(state.step))
+    return new_state, metrics
+
+  def per_device(state, batches):
+    if batches.shape[0] == 1:  # no loop: XLA:CPU runs a convolution's gradient ~30x slower inside one
+      state, metrics = one_step(state, batches[0])
+      return state, jax.tree.map(lambda m: m[None], metrics)
+    return jax.lax.scan(one_step, state, batches)
+
+  return parallel.data_parallel(per_device, mesh, in_specs=(P(), P(None, parallel.AXIS)),
+                                out_specs=(P(), P()), donate_argnums=(0,))
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+class _Preemption:
+  """Turns SIGTERM / SIGINT into a flag the loop checks between steps (a second SIGINT still kills)."""
+
+  def __init__(self):
+    self.signal = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    if self.signal is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.signal = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def _summary_writer(workdir):
+  """TensorBoard event files in WORKDIR (process 0); TensorFlow is kept off the accelerators."""
+  if jax.process_index() != 0:
+    return None
+  data.hide_accelerators_from_tensorflow()
+  from flax.metrics import tensorboard  # pylint: disable=g-import-not-at-top
+  return tensorboard.SummaryWriter(workdir)
+
+
+def _check_intervals(training_config):
+  c = training_config
+  k = c.steps_per_dispatch
+  if k < 1:
+    raise ValueError(f"config.training.steps_per_dispatch must be >= 1, got {k}.")
+  for name in ("log_every", "checkpoint_every", "sample_every"):
+    value = c[name]
+    if value < 0 or value % k:
+      raise ValueError(f"config.training.{name} = {value} must be >= 0 and a multiple of "
+                       f"steps_per_dispatch = {k}.")
+  if c.num_steps < 0:
+    raise ValueError(f"config.training.num_steps must be >= 0, got {c.num_steps}.")
+
+
+def _format_duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
+
+
+class _Logger:
+  """Collects per-step metrics on device and reports them every log_every steps (stdout + TensorBoard)."""
+
+  def __init__(self, writer, *, num_steps: int, batch_size: int, start_step: int):
+    self.writer, self.num_steps, self.batch_size = writer, num_steps, batch_size
+    self.pending = []  # (first step, metrics dict of device arrays [k])
+    self.last_time, self.last_step = time.time(), start_step
+    self.last_loss = None
+
+  def add(self, first_step: int, metrics):
+    self.pending.append((first_step, metrics))
+
+  def check_finite(self):
+    """Fetches pending metrics; raises NonFiniteError naming the first bad step. Returns them."""
+    fetched = [(s, jax.device_get(m)) for s, m in self.pending]
+    self.pending = []
+    for first, m in fetched:
+      bad = ~(np.isfinite(m["loss"]) & np.isfinite(m["grad_norm"]))
+      if bad.any():
+        i = int(np.argmax(bad))
+        raise NonFiniteError(
+            f"Non-finite loss ({m['loss'][i]}) or gradient norm ({m['grad_norm'][i]}) at step {first + i + 1}; "
+            "stopping without writing a checkpoint, so the newest one on disk is the last good state.")
+    return fetched
+
+  def report(self, step: int):
+    fetched = self.check_finite()
+    if not fetched:
+      return
+    loss = float(np.mean(np.concatenate([m["loss"] for _, m in fetched])))
+    grad_norm = float(np.mean(np.concatenate([m["grad_norm"] for _, m in fetched])))
+    lr = float(fetched[-1][1]["learning_rate"][-1])
+    now = time.time()
+    steps_per_sec = (step - self.last_step) / max(now - self.last_time, 1e-9)
+    eta = (self.num_steps - step) / max(steps_per_sec, 1e-9)
+    self.last_time, self.last_step, self.last_loss = now, step, loss
+    logging.info("step %d/%d  loss %.5f  grad_norm %.3f  lr %.3g  %.2f steps/s  %.1f images/s  ETA %s",
+                 step, self.num_steps, loss, grad_norm, lr, steps_per_sec, steps_per_sec * self.batch_size,
+                 _format_duration(eta))
+    if self.writer is not None:
+      for name, value in (("loss", loss), ("grad_norm", grad_norm), ("learning_rate", lr),
+                          ("steps_per_sec", steps_per_sec), ("images_per_sec", steps_per_sec * self.batch_size)):
+        self.writer.scalar(f"train/{name}", value, step)
+      self.writer.flush()
+
+
+def write_sample_grid(workdir, *, sample_fn, params, key, num: int, batch_size: int, mesh, step: int, writer=None):
+  """Samples `num` images with the EMA params and writes WORKDIR/samples/step_<step>.png (process 0)."""
+  imgs = sampling.generate(sample_fn, params, key=key, num_samples=num, batch_size=batch_size, mesh=mesh)
+  if jax.process_index() != 0:
+    return None
+  grid = images.make_grid(imgs)
+  path = images.save_png(os.path.join(workdir, "samples", f"step_{step}.png"), grid)
+  if writer is not None:
+    writer.image("samples", grid[None], step)
+    writer.flush()
+  logging.info("Wrote a grid of %d samples: %s", num, path)
+  return path
+
+
+def train_and_evaluate(config, workdir: str):
+  """Trains (or resumes) the run in `workdir` to config.training.num_steps. Returns the final state."""
+  c = config.training
+  _check_intervals(c)
+  parallel.check_batch_size(c.batch_size, what="config.training.batch_size")
+  d, model, tx, lr_fn = build(config)
+  mesh = parallel.make_mesh()
+  shape = image_shape(config)
+
+  saved = checkpoint.read_config(workdir)
+  if saved is not None:
+    checkpoint.check_compatible(saved, config, source=f"the run in {workdir}")
+  data_iterator = data.train_iterator(config.data, global_batch_size=c.batch_size, seed=config.seed,
+                                      process_index=jax.process_index(), process_count=jax.process_count())
+  checkpoint.write_config(workdir, config)
+  manager = checkpoint.make_manager(workdir, keep=c.keep_checkpoints)
+
+  if manager.latest_step() is not None:
+    state = checkpoint.restore(manager, abstract_state=abstract_state(model, tx, shape=shape, mesh=mesh),
+                               data_iterator=data_iterator)
+    logging.info("Resumed from the checkpoint of step %d in %s.", int(state.step), checkpoint.checkpoint_dir(workdir))
+  else:
+    state = jax.jit(functools.partial(init_state, model, tx, seed=config.seed, shape=shape),
+                    out_shardings=parallel.replicated(mesh))()
+    logging.info("Starting from scratch: %s parameters.", f"{unet.count_params(state.params):,}")
+
+  train_step = make_train_step(model, d, tx, mesh, ema_decay=c.ema_decay, lr_fn=lr_fn)
+  grid_batch = math.ceil(c.num_grid_samples / jax.device_count()) * jax.device_count()
+  sample_fn = sampling.make_sampler(model, d, mesh, image_shape=shape, clip_denoised=config.sampling.clip_denoised)
+  grid_key = jax.random.fold_in(jax.random.key(config.seed), 2)
+  writer = _summary_writer(workdir)
+
+  step = int(state.step)
+  logger = _Logger(writer, num_steps=c.num_steps, batch_size=c.batch_size, start_step=step)
+  k = c.steps_per_dispatch
+  with _Preemption() as preemption:
+    while step < c.num_steps:
+      n = min(k, c.num_steps - step)
+      local = np.stack([next(data_iterator) for _ in range(n)])
+      state, metrics = train_step(state, parallel.global_batch(local, mesh, batch_axis=1))
+      logger.add(step, metrics)
+      step += n
+      done = step >= c.num_steps
+      if (c.log_every and step % c.log_every == 0) or done:
+        logger.report(step)
+      if c.sample_every and step % c.sample_every == 0 and not done:
+        write_sample_grid(workdir, sample_fn=sample_fn, params=state.ema_params, key=grid_key,
+                          num=c.num_grid_samples, batch_size=grid_batch, mesh=mesh, step=step, writer=writer)
+      preempted = preemption.signal is not None or manager.reached_preemption(step)
+      if (c.checkpoint_every and step % c.checkpoint_every == 0) or done or preempted:
+        logger.check_finite()
+        checkpoint.save(manager, state=state, data_iterator=data_iterator, config=config, force=True)
+      if preempted:
+        manager.wait_until_finished()
+        logging.info("Stopped by %s at step %d; checkpoint written. Run the same command to resume.",
+                     preemption.signal or "preemption", step)
+        return state
+  manager.wait_until_finished()
+  if c.num_steps > 0:
+    write_sample_grid(workdir, sample_fn=sample_fn, params=state.ema_params, key=grid_key,
+                      num=c.num_grid_samples, batch_size=grid_batch, mesh=mesh, step=step, writer=writer)
+  if writer is not None:
+    writer.close()
+  return state

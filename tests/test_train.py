@@ -1,0 +1,220 @@
+"""The training engine: optimizer recipe, exact resume, device/process independence, learning, sampling."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from conftest import REPO, tiny_config
+from ddpm_jax import data, parallel, sampling, train
+
+
+def leaves(tree):
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_optimizer_is_the_papers_recipe():
+  config = tiny_config(training__warmup_steps=5000, training__learning_rate=2e-4)
+  tx, lr_fn = train.make_optimizer(config.training)
+  assert float(lr_fn(0)) == 0.0 and float(lr_fn(2500)) == pytest.approx(1e-4) and float(lr_fn(10**6)) == pytest.approx(2e-4)
+  # Global-norm clipping at 1.0 happens before Adam: a huge gradient gives the same first update as a clipped one.
+  params = {"w": jnp.ones((3,))}
+  state = tx.init(params)
+  g = {"w": jnp.array([300.0, 400.0, 0.0])}
+  u_big, _ = tx.update(g, state, params)
+  u_clip, _ = tx.update({"w": g["w"] / 500.0}, state, params)
+  np.testing.assert_allclose(u_big["w"], u_clip["w"], rtol=1e-6)
+
+
+def test_ema_starts_at_params_and_follows_the_decay():
+  config = tiny_config()
+  _, model, tx, _ = train.build(config)
+  state = train.init_state(model, tx, seed=0, shape=train.image_shape(config))
+  for p, e in zip(leaves(state.params), leaves(state.ema_params)):
+    np.testing.assert_array_equal(p, e)
+  new = train.ema_update({"a": jnp.ones(2)}, {"a": jnp.zeros(2)}, 0.9999)
+  np.testing.assert_allclose(new["a"], 0.9999)
+
+
+def test_per_example_randomness_does_not_depend_on_the_split():
+  key = jax.random.key(0)
+  full = train.per_example_randomness(key, jnp.arange(8), num_timesteps=10, shape=(2, 2, 1))
+  halves = [train.per_example_randomness(key, jnp.arange(4) + 4 * i, num_timesteps=10, shape=(2, 2, 1))
+            for i in range(2)]
+  np.testing.assert_array_equal(full[0], np.concatenate([h[0] for h in halves]))
+  np.testing.assert_array_equal(full[1], np.concatenate([h[1] for h in halves]))
+
+
+def _train(config, workdir):
+  return train.train_and_evaluate(config, str(workdir))
+
+
+def test_stop_and_resume_equals_uninterrupted_bitwise(tmp_path):
+  full = _train(tiny_config(training__num_steps=6, model__dropout=0.1), tmp_path / "full")
+  _train(tiny_config(training__num_steps=2, model__dropout=0.1), tmp_path / "split")
+  resumed = _train(tiny_config(training__num_steps=6, model__dropout=0.1), tmp_path / "split")
+  assert int(resumed.step) == int(full.step) == 6
+  for a, b in zip(leaves(full), leaves(resumed)):
+    np.testing.assert_array_equal(a, b)
+  # The resumed run read the data from where the first one stopped (not from the start again):
+  # a run that restarts the data stream at step 2 ends elsewhere.
+  assert os.path.exists(tmp_path / "split" / "checkpoints" / "2")
+
+
+def test_resume_refuses_a_different_model(tmp_path):
+  _train(tiny_config(training__num_steps=2), tmp_path)
+  with pytest.raises(ValueError, match=r"model\.ch: 32 -> 64"):
+    _train(tiny_config(training__num_steps=4, model__ch=64), tmp_path)
+  with pytest.raises(ValueError, match="num_timesteps"):
+    _train(tiny_config(training__num_steps=4, diffusion__num_timesteps=20), tmp_path)
+
+
+def test_non_finite_loss_stops_without_writing_a_checkpoint(tmp_path):
+  _train(tiny_config(training__num_steps=2), tmp_path)
+  # An absurd learning rate drives the loss to infinity within a few steps.
+  config = tiny_config(training__num_steps=40, training__learning_rate=1e30, training__warmup_steps=0,
+                       training__grad_clip=1e30, training__log_every=1, training__checkpoint_every=1)
+  with pytest.raises(train.NonFiniteError, match=r"at step \d+"):
+    _train(config, tmp_path)
+  steps = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
+  from ddpm_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  _, model, tx, _ = train.build(config)
+  manager = checkpoint.make_manager(str(tmp_path), keep=10, read_only=True)
+  for step in steps:
+    state = checkpoint.restore(manager, abstract_state=train.abstract_state(
+        model, tx, shape=train.image_shape(config), mesh=parallel.make_mesh()), step=step)
+    assert all(np.isfinite(x).all() for x in leaves(state.params)), step
+
+
+def test_training_on_digits_learns_and_samples_look_like_the_data(tmp_path):
+  """A short run on the built-in digits: the loss falls far below its start, and samples have the
+  data's pixel statistics (measured: mean ~0.33 -> within 0.08; ink fraction within 0.1)."""
+  config = tiny_config(training__num_steps=300, training__batch_size=32, training__learning_rate=2e-3,
+                       training__warmup_steps=20, training__log_every=50, training__checkpoint_every=300,
+                       training__ema_decay=0.99, diffusion__num_timesteps=50, diffusion__beta_start=2e-3,
+                       diffusion__beta_end=0.4, training__num_grid_samples=0)
+  losses = []
+  original = train._Logger.report
+
+  def spy(self, step):
+    original(self, step)
+    losses.append(self.last_loss)
+
+  train._Logger.report = spy
+  try:
+    state = _train(config, tmp_path)
+  finally:
+    train._Logger.report = original
+  assert losses[-1] < 0.4 * losses[0], losses
+  d, model, _, _ = train.build(config)
+  mesh = parallel.make_mesh()
+  fn = sampling.make_sampler(model, d, mesh, image_shape=train.image_shape(config))
+  samples = sampling.generate(fn, state.ema_params, key=jax.random.key(1), num_samples=256, batch_size=128, mesh=mesh)
+  real = np.stack([data.load_images(config.data, split="train")[i] for i in range(1797)])
+  s, r = samples.astype(np.float64) / 255, real.astype(np.float64) / 255
+  assert abs(s.mean() - r.mean()) < 0.08, (s.mean(), r.mean())
+  assert abs((s > 0.5).mean() - (r > 0.5).mean()) < 0.1, ((s > 0.5).mean(), (r > 0.5).mean())
+  # Samples are not all alike: their per-image means spread like the data's.
+  assert s.mean(axis=(1, 2, 3)).std() > 0.3 * r.mean(axis=(1, 2, 3)).std()
+
+
+def test_sampler_is_one_loop_whose_size_does_not_depend_on_T():
+  config = tiny_config()
+  mesh = parallel.make_mesh()
+  sizes = []
+  for T in (10, 100):
+    config.diffusion.num_timesteps = T
+    d, model, tx, _ = train.build(config)
+    params = jax.eval_shape(lambda: train.init_state(model, tx, seed=0, shape=train.image_shape(config))).ema_params
+    fn = sampling.make_sampler(model, d, mesh, image_shape=train.image_shape(config))
+    text = jax.jit(fn).lower(params, jax.random.key(0), jnp.arange(4)).as_text()
+    assert text.count("stablehlo.while") == 1
+    sizes.append(len(text))
+  assert abs(sizes[0] - sizes[1]) < 0.01 * sizes[0]
+
+
+def test_progressive_sampling_records_the_chain_and_ends_at_the_sample():
+  config = tiny_config()
+  d, model, tx, _ = train.build(config)
+  mesh = parallel.make_mesh()
+  state = train.init_state(model, tx, seed=0, shape=train.image_shape(config))
+  plain = sampling.make_sampler(model, d, mesh, image_shape=train.image_shape(config))
+  chained = sampling.make_sampler(model, d, mesh, image_shape=train.image_shape(config), record_every=3)
+  ids = sampling.sample_ids(0, 4, mesh)
+  images, chain = chained(state.ema_params, jax.random.key(0), ids)
+  np.testing.assert_array_equal(images, plain(state.ema_params, jax.random.key(0), ids))
+  assert list(chain.timesteps) == [9, 6, 3, 0]
+  assert chain.x.shape == (4, 4, 8, 8, 1) and chain.x.dtype == np.uint8
+  np.testing.assert_array_equal(chain.x[-1], images)
+
+
+def test_any_number_of_samples_and_independent_of_batch_size():
+  config = tiny_config()
+  d, model, tx, _ = train.build(config)
+  mesh = parallel.make_mesh()
+  params = train.init_state(model, tx, seed=0, shape=train.image_shape(config)).ema_params
+  fn = sampling.make_sampler(model, d, mesh, image_shape=train.image_shape(config))
+  a = sampling.generate(fn, params, key=jax.random.key(0), num_samples=7, batch_size=4, mesh=mesh)
+  b = sampling.generate(fn, params, key=jax.random.key(0), num_samples=7, batch_size=8, mesh=mesh)
+  assert a.shape == (7, 8, 8, 1) and a.dtype == np.uint8
+  np.testing.assert_allclose(a.astype(int), b.astype(int), atol=1)  # same ids -> same noise
+
+
+# ----------------------------------------------------------------------------- devices and processes
+
+
+def _probe(workdir, out, *, devices, extra=(), env=None):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **(env or {}))
+  return subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "train_probe.py"), str(workdir), str(out),
+                           *map(str, extra)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+
+
+def _finish(proc, timeout=600):
+  output, _ = proc.communicate(timeout=timeout)
+  assert proc.returncode == 0, output[-3000:]
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_one_device_four_devices_and_two_processes_train_alike(tmp_path):
+  """Same run (dropout on) on 1 device, 4 host devices, and 2 processes x 2 devices: same params."""
+  outs = {name: tmp_path / f"{name}.npz" for name in ("one", "four", "multi")}
+  _finish(_probe(tmp_path / "w1", outs["one"], devices=1))
+  _finish(_probe(tmp_path / "w4", outs["four"], devices=4))
+  port = _free_port()
+  procs = [_probe(tmp_path / "wm", outs["multi"], devices=2, extra=(i, 2, port)) for i in range(2)]
+  for p in procs:
+    _finish(p)
+  ref = np.load(outs["one"])
+  assert int(ref["devices"]) == 1
+  for name in ("four", "multi"):
+    other = np.load(outs[name])
+    assert int(other["devices"]) == 4
+    assert int(other["processes"]) == (2 if name == "multi" else 1)
+    keys = [k for k in ref.files if k not in ("devices", "processes")]
+    assert keys == [k for k in other.files if k not in ("devices", "processes")]
+    for k in keys:
+      np.testing.assert_allclose(other[k], ref[k], rtol=2e-4, atol=2e-5, err_msg=f"{name}: {k}")
+
+
+def test_training_reads_a_tfds_dataset(tmp_path):
+  """The TFDS path end to end (cifar10 layout), on tfds.testing.mock_data's generated examples."""
+  tfds = data._import_tfds()
+  config = tiny_config(data__dataset="cifar10", data__image_size=32, data__num_channels=3, data__random_flip=True,
+                       data__tfds_data_dir=str(tmp_path / "tfds"), model__attn_resolutions=(16,),
+                       training__num_steps=2, training__num_grid_samples=0)
+  with tfds.testing.mock_data(num_examples=32):
+    state = _train(config, tmp_path / "w")
+  assert int(state.step) == 2
+  assert all(np.isfinite(x).all() for x in leaves(state.params))
