@@ -60,5 +60,16 @@ def main(argv):
     sys.exit(1)
 
 
+def parse_flags(argv):
+  """absl's parser, with a misspelt --config.x.y override reported as one sentence."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    print(f"FATAL Flags parsing error: {e}", file=sys.stderr)
+  except (KeyError, AttributeError) as e:
+    print(f"ddpm_jax: error: unknown config key in the command line overrides: {e}", file=sys.stderr)
+  sys.exit(1)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -125,7 +125,8 @@ def make_train_step(model, d: dm.Diffusion, tx, mesh, *, ema_decay: float, lr_fn
     params = optax.apply_updates(state.params, updates)
     new_state = TrainState(step=state.step + 1, params=params, ema_params=ema_update(state.ema_params, params, ema_decay),
                            opt_state=opt_state, key=state.key)
-    metrics = dict(loss=loss, grad_norm=optax.global_norm(grads), learning_rate=lr_fn(state.step))
+    metrics = dict(loss=loss, grad_norm=optax.global_norm(grads),
+                   learning_rate=jnp.asarray(lr_fn(state.step), jnp.float32))
     return new_state, metrics
 
   def per_device(state, batches):
@@ -297,7 +298,7 @@ def train_and_evaluate(config, workdir: str):
       done = step >= c.num_steps
       if (c.log_every and step % c.log_every == 0) or done:
         logger.report(step)
-      if c.sample_every and step % c.sample_every == 0 and not done:
+      if c.sample_every and c.num_grid_samples and step % c.sample_every == 0 and not done:
         write_sample_grid(workdir, sample_fn=sample_fn, params=state.ema_params, key=grid_key,
                           num=c.num_grid_samples, batch_size=grid_batch, mesh=mesh, step=step, writer=writer)
       preempted = preemption.signal is not None or manager.reached_preemption(step)
@@ -310,7 +311,7 @@ def train_and_evaluate(config, workdir: str):
                      preemption.signal or "preemption", step)
         return state
   manager.wait_until_finished()
-  if c.num_steps > 0:
+  if c.num_steps > 0 and c.num_grid_samples > 0:
     write_sample_grid(workdir, sample_fn=sample_fn, params=state.ema_params, key=grid_key,
                       num=c.num_grid_samples, batch_size=grid_batch, mesh=mesh, step=step, writer=writer)
   if writer is not None:

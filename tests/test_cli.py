@@ -53,7 +53,7 @@ def test_sigterm_leaves_a_checkpoint_to_resume_from(tmp_path):
     if "step 3/" in line:
       break
   proc.send_signal(signal.SIGTERM)
-  rest, _ = proc.communicate(timeout=300)
+  _, rest = proc.communicate(timeout=300)
   assert proc.returncode == 0, "".join(lines)[-2000:] + rest[-2000:]
   assert "Stopped by SIGTERM" in rest
   steps = [int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()]
