@@ -95,8 +95,9 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> str:
   path = os.path.join(workdir, "config.json")
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:
       json.dump(config.to_dict(), f, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)  # readers never see a half-written file
   return path
 
 

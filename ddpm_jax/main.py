@@ -11,6 +11,7 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow (for TFDS, TensorBoard) is quiet unless asked
 
 from absl import app  # pylint: disable=g-import-not-at-top
+import jax
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
@@ -25,7 +26,7 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, samples, Tensor
 flags.DEFINE_enum("mode", "train", ["train", "sample"], "train: train or resume; sample: sample from a checkpoint.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
+USER_ERRORS = (ValueError, OSError)  # bad config values, bad paths, full disks
 
 
 def run(config, workdir: str, mode: str):
@@ -50,6 +51,8 @@ def main(argv):
   from ddpm_jax import train  # pylint: disable=g-import-not-at-top
   try:
     parallel.maybe_initialize_distributed(FLAGS.config.distributed)
+    if jax.process_index() > 0:  # one log for the whole job: process 0's
+      logging.set_verbosity(logging.WARNING)
     run(FLAGS.config, FLAGS.workdir, FLAGS.mode)
   except train.NonFiniteError as e:
     logging.error("%s", e)

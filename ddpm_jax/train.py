@@ -145,12 +145,13 @@ def make_train_step(model, d: dm.Diffusion, tx, mesh, *, ema_decay: float, lr_fn
 class _Preemption:
   """Turns SIGTERM / SIGINT into a flag the loop checks between steps (a second SIGINT still kills)."""
 
-  def __init__(self):
+  def __init__(self, install: bool = True):
     self.signal = None
+    self._install = install
     self._previous = {}
 
   def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT) if self._install else ():
       self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
@@ -183,6 +184,8 @@ def _check_intervals(training_config):
     if value < 0 or value % k:
       raise ValueError(f"config.training.{name} = {value} must be >= 0 and a multiple of "
                        f"steps_per_dispatch = {k}.")
+  if c.keep_checkpoints < 1:
+    raise ValueError(f"config.training.keep_checkpoints must be >= 1, got {c.keep_checkpoints}.")
   if c.num_steps < 0:
     raise ValueError(f"config.training.num_steps must be >= 0, got {c.num_steps}.")
 
@@ -207,8 +210,7 @@ class _Logger:
 
   def check_finite(self):
     """Fetches pending metrics; raises NonFiniteError naming the first bad step. Returns them."""
-    fetched = [(s, jax.device_get(m)) for s, m in self.pending]
-    self.pending = []
+    fetched = self.pending = [(s, jax.device_get(m)) for s, m in self.pending]
     for first, m in fetched:
       bad = ~(np.isfinite(m["loss"]) & np.isfinite(m["grad_norm"]))
       if bad.any():
@@ -220,6 +222,7 @@ class _Logger:
 
   def report(self, step: int):
     fetched = self.check_finite()
+    self.pending = []
     if not fetched:
       return
     loss = float(np.mean(np.concatenate([m["loss"] for _, m in fetched])))
@@ -267,7 +270,6 @@ def train_and_evaluate(config, workdir: str):
     checkpoint.check_compatible(saved, config, source=f"the run in {workdir}")
   data_iterator = data.train_iterator(config.data, global_batch_size=c.batch_size, seed=config.seed,
                                       process_index=jax.process_index(), process_count=jax.process_count())
-  checkpoint.write_config(workdir, config)
   manager = checkpoint.make_manager(workdir, keep=c.keep_checkpoints)
 
   if manager.latest_step() is not None:
@@ -279,6 +281,7 @@ def train_and_evaluate(config, workdir: str):
                     out_shardings=parallel.replicated(mesh))()
     logging.info("Starting from scratch: %s parameters.", f"{unet.count_params(state.params):,}")
 
+  checkpoint.write_config(workdir, config)
   train_step = make_train_step(model, d, tx, mesh, ema_decay=c.ema_decay, lr_fn=lr_fn)
   grid_batch = math.ceil(c.num_grid_samples / jax.device_count()) * jax.device_count()
   sample_fn = sampling.make_sampler(model, d, mesh, image_shape=shape, clip_denoised=config.sampling.clip_denoised)
@@ -288,21 +291,20 @@ def train_and_evaluate(config, workdir: str):
   step = int(state.step)
   logger = _Logger(writer, num_steps=c.num_steps, batch_size=c.batch_size, start_step=step)
   k = c.steps_per_dispatch
-  with _Preemption() as preemption:
+  crossed = lambda every, before, after: bool(every) and after // every > before // every
+  with _Preemption(install=jax.process_count() == 1) as preemption:
     while step < c.num_steps:
       n = min(k, c.num_steps - step)
       local = np.stack([next(data_iterator) for _ in range(n)])
       state, metrics = train_step(state, parallel.global_batch(local, mesh, batch_axis=1))
       logger.add(step, metrics)
-      step += n
+      step, before = step + n, step
       done = step >= c.num_steps
-      if (c.log_every and step % c.log_every == 0) or done:
-        logger.report(step)
-      if c.sample_every and c.num_grid_samples and step % c.sample_every == 0 and not done:
-        write_sample_grid(workdir, sample_fn=sample_fn, params=state.ema_params, key=grid_key,
-                          num=c.num_grid_samples, batch_size=grid_batch, mesh=mesh, step=step, writer=writer)
+      # One process alone never decides to stop: multi-host runs use JAX's synchronised preemption notice.
       preempted = preemption.signal is not None or manager.reached_preemption(step)
-      if (c.checkpoint_every and step % c.checkpoint_every == 0) or done or preempted:
+      if crossed(c.log_every, before, step) or done:
+        logger.report(step)
+      if crossed(c.checkpoint_every, before, step) or done or preempted:
         logger.check_finite()
         checkpoint.save(manager, state=state, data_iterator=data_iterator, config=config, force=True)
       if preempted:
@@ -310,6 +312,9 @@ def train_and_evaluate(config, workdir: str):
         logging.info("Stopped by %s at step %d; checkpoint written. Run the same command to resume.",
                      preemption.signal or "preemption", step)
         return state
+      if crossed(c.sample_every, before, step) and c.num_grid_samples and not done:
+        write_sample_grid(workdir, sample_fn=sample_fn, params=state.ema_params, key=grid_key,
+                          num=c.num_grid_samples, batch_size=grid_batch, mesh=mesh, step=step, writer=writer)
   manager.wait_until_finished()
   if c.num_steps > 0 and c.num_grid_samples > 0:
     write_sample_grid(workdir, sample_fn=sample_fn, params=state.ema_params, key=grid_key,

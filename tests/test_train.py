@@ -220,3 +220,12 @@ def test_training_reads_a_tfds_dataset(tmp_path):
     state = _train(config, tmp_path / "w")
   assert int(state.step) == 2
   assert all(np.isfinite(x).all() for x in leaves(state.params))
+
+
+def test_several_steps_per_dispatch_equal_one_at_a_time(tmp_path):
+  one = _train(tiny_config(training__num_steps=4, training__num_grid_samples=0), tmp_path / "one")
+  two = _train(tiny_config(training__num_steps=4, training__steps_per_dispatch=2, training__num_grid_samples=0),
+               tmp_path / "two")
+  assert int(two.step) == 4
+  for a, b in zip(leaves(one), leaves(two)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
