@@ -125,7 +125,7 @@ def make_train_step(model, d: dm.Diffusion, tx, mesh, *, ema_decay: float, lr_fn
     params = optax.apply_updates(state.params, updates)
     new_state = TrainState(step=state.step + 1, params=params, ema_params=ema_update(state.ema_params, params, ema_decay),
                            opt_state=opt_state, key=state.key)
-    metrics = dict(loss=loss, grad_norm=optax.global_norm(grads),
+    metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads),
                    learning_rate=jnp.asarray(lr_fn(state.step), jnp.float32))
     return new_state, metrics
 

@@ -94,7 +94,7 @@ def test_non_finite_loss_stops_without_writing_a_checkpoint(tmp_path):
 
 def test_training_on_digits_learns_and_samples_look_like_the_data(tmp_path):
   """A short run on the built-in digits: the loss falls far below its start, and samples have the
-  data's pixel statistics (measured: mean ~0.33 -> within 0.08; ink fraction within 0.1)."""
+  data's pixel statistics (the values are printed; see pytest -s)."""
   config = tiny_config(training__num_steps=300, training__batch_size=32, training__learning_rate=2e-3,
                        training__warmup_steps=20, training__log_every=50, training__checkpoint_every=300,
                        training__ema_decay=0.99, diffusion__num_timesteps=50, diffusion__beta_start=2e-3,
@@ -118,6 +118,9 @@ def test_training_on_digits_learns_and_samples_look_like_the_data(tmp_path):
   samples = sampling.generate(fn, state.ema_params, key=jax.random.key(1), num_samples=256, batch_size=128, mesh=mesh)
   real = np.stack([data.load_images(config.data, split="train")[i] for i in range(1797)])
   s, r = samples.astype(np.float64) / 255, real.astype(np.float64) / 255
+  print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f}; mean pixel {s.mean():.3f} (data {r.mean():.3f}); "
+        f"ink > 0.5 {(s > 0.5).mean():.3f} (data {(r > 0.5).mean():.3f}); per-image mean std "
+        f"{s.mean(axis=(1, 2, 3)).std():.3f} (data {r.mean(axis=(1, 2, 3)).std():.3f})")
   assert abs(s.mean() - r.mean()) < 0.08, (s.mean(), r.mean())
   assert abs((s > 0.5).mean() - (r > 0.5).mean()) < 0.1, ((s > 0.5).mean(), (r > 0.5).mean())
   # Samples are not all alike: their per-image means spread like the data's.
@@ -227,5 +230,7 @@ def test_several_steps_per_dispatch_equal_one_at_a_time(tmp_path):
   two = _train(tiny_config(training__num_steps=4, training__steps_per_dispatch=2, training__num_grid_samples=0),
                tmp_path / "two")
   assert int(two.step) == 4
+  # Float order differs between the two programs; Adam turns that into ~1e-6 changes of near-zero
+  # weights, while a skipped or repeated step moves weights by ~lr = 1e-3.
   for a, b in zip(leaves(one), leaves(two)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)
