@@ -277,3 +277,22 @@ def test_model_input_round_trip_is_exact():
   np.testing.assert_array_equal(np.asarray(data.to_uint8(xj)), values)
   np.testing.assert_array_equal(data.to_uint8(np.array([-3.0, 3.0, 0.0], np.float32)), [0, 255, 128])
 
+
+
+def test_tfds_prepares_a_dataset_with_its_own_machinery(no_network, tmp_path, monkeypatch):
+  """The first-run path for cifar10 reaches TFDS's download step with the installed dependencies (TFDS
+  once failed before it, on an import it does not declare); the download itself is stopped there."""
+  tfds = data._import_tfds()
+
+  class ReachedDownload(Exception):
+    pass
+
+  def stop(*args, **kwargs):
+    raise ReachedDownload("the download step was reached")
+
+  monkeypatch.setattr(tfds.download.DownloadManager, "download", stop)
+  monkeypatch.setattr(tfds.download.DownloadManager, "download_and_extract", stop)
+  monkeypatch.setattr(data, "_network_reachable", lambda *a, **k: True)
+  with pytest.raises(data.DatasetError, match="the download step was reached") as info:
+    data.load_images(_config(dataset="cifar10", tfds_data_dir=str(tmp_path)), split="train")
+  assert "could not be downloaded and prepared" in str(info.value)
