@@ -10,13 +10,13 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow (for TFDS, TensorBoard) is quiet unless asked
 
-from absl import app  # pylint: disable=g-import-not-at-top
-import jax
+# pylint: disable=g-import-not-at-top
+from absl import app
 from absl import flags
 from absl import logging
+import jax
 from ml_collections import config_flags
 
-from ddpm_jax import checkpoint
 from ddpm_jax import data
 from ddpm_jax import parallel
 
@@ -55,7 +55,6 @@ def main(argv):
       logging.set_verbosity(logging.WARNING)
     run(FLAGS.config, FLAGS.workdir, FLAGS.mode)
   except train.NonFiniteError as e:
-    logging.error("%s", e)
     print(f"ddpm_jax: training stopped: {e}", file=sys.stderr)
     sys.exit(1)
   except USER_ERRORS as e:
