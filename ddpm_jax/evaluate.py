@@ -67,7 +67,7 @@ def dump_samples(config, workdir: str) -> str | None:
   chain = None
   if c.num_progressive > 0 and c.progressive_every > 0:
     n = c.num_progressive
-    chain_batch = -(-n // jax.device_count()) * jax.device_count()
+    chain_batch = parallel.round_up_to_devices(n)
     chain_fn = sampling.make_sampler(model, d, mesh, image_shape=shape, clip_denoised=c.clip_denoised,
                                      record_every=c.progressive_every)
     _, chain = chain_fn(params, key, sampling.sample_ids(0, chain_batch, mesh))

@@ -62,6 +62,12 @@ def check_batch_size(batch_size: int, *, what: str) -> None:
     raise ValueError(f"{what} = {batch_size} is not divisible by the number of processes ({hosts}).")
 
 
+def round_up_to_devices(n: int) -> int:
+  """The smallest batch >= n that splits evenly over all devices (extra samples are dropped later)."""
+  d = jax.device_count()
+  return -(-n // d) * d
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

@@ -5,7 +5,6 @@ linear learning-rate warmup, and an EMA of the weights that sampling and evaluat
 """
 
 import functools
-import math
 import os
 import signal
 import time
@@ -283,7 +282,7 @@ def train_and_evaluate(config, workdir: str):
 
   checkpoint.write_config(workdir, config)
   train_step = make_train_step(model, d, tx, mesh, ema_decay=c.ema_decay, lr_fn=lr_fn)
-  grid_batch = math.ceil(c.num_grid_samples / jax.device_count()) * jax.device_count()
+  grid_batch = parallel.round_up_to_devices(c.num_grid_samples)
   sample_fn = sampling.make_sampler(model, d, mesh, image_shape=shape, clip_denoised=config.sampling.clip_denoised)
   grid_key = jax.random.fold_in(jax.random.key(config.seed), 2)
   writer = _summary_writer(workdir)
