@@ -16,7 +16,8 @@ import numpy as np
 from PIL import Image
 from sklearn import datasets, linear_model, model_selection
 
-from ddpm_jax import checkpoint, evaluate, parallel, sampling, train
+from ddpm_jax import checkpoint, evaluate, parallel, sampling
+from ddpm_jax import state as state_lib
 from ml_collections import ConfigDict
 
 
@@ -28,10 +29,10 @@ def to_8x8(images_uint8):
 
 def main(workdir, num_samples="500"):
   config = ConfigDict(checkpoint.read_config(workdir))
-  d, model, tx, _ = train.build(config)
+  d, model, tx, _ = state_lib.build(config)
   mesh = parallel.make_mesh()
   params, step = evaluate.restore_ema_params(config, workdir, model=model, tx=tx, mesh=mesh)
-  fn = sampling.make_sampler(model, d, mesh, image_shape=train.image_shape(config))
+  fn = sampling.make_sampler(model, d, mesh, image_shape=state_lib.image_shape(config))
   samples = sampling.generate(fn, params, key=jax.random.key(123), num_samples=int(num_samples),
                               batch_size=100, mesh=mesh)
   digits = datasets.load_digits()

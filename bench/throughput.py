@@ -15,6 +15,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 from ddpm_jax import parallel, sampling, train
+from ddpm_jax import state as state_lib
 
 
 def load_config(name):
@@ -24,10 +25,10 @@ def load_config(name):
 
 def bench_train(config, *, batch, steps):
   config.training.batch_size = batch
-  d, model, tx, lr_fn = train.build(config)
+  d, model, tx, lr_fn = state_lib.build(config)
   mesh = parallel.make_mesh()
-  shape = train.image_shape(config)
-  state = jax.jit(functools.partial(train.init_state, model, tx, seed=0, shape=shape),
+  shape = state_lib.image_shape(config)
+  state = jax.jit(functools.partial(state_lib.init_state, model, tx, seed=0, shape=shape),
                   out_shardings=parallel.replicated(mesh))()
   step_fn = train.make_train_step(model, d, tx, mesh, ema_decay=0.9999, lr_fn=lr_fn)
   images = np.random.RandomState(0).randint(0, 256, (1, batch) + shape).astype(np.uint8)
@@ -46,10 +47,10 @@ def bench_train(config, *, batch, steps):
 
 def bench_sampler_compile(config, T):
   config.diffusion.num_timesteps = T
-  d, model, tx, _ = train.build(config)
+  d, model, tx, _ = state_lib.build(config)
   mesh = parallel.make_mesh()
-  params = jax.eval_shape(lambda: train.init_state(model, tx, seed=0, shape=train.image_shape(config))).ema_params
-  fn = sampling.make_sampler(model, d, mesh, image_shape=train.image_shape(config))
+  params = jax.eval_shape(lambda: state_lib.init_state(model, tx, seed=0, shape=state_lib.image_shape(config))).ema_params
+  fn = sampling.make_sampler(model, d, mesh, image_shape=state_lib.image_shape(config))
   n = jax.device_count()
   t0 = time.perf_counter()
   jax.jit(fn).lower(params, jax.random.key(0), jax.numpy.arange(n)).compile()

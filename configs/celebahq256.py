@@ -1,12 +1,8 @@
-"""CelebA-HQ 256x256: the 114M model, eps / fixedsmall / L_simple, lr 2e-5, batch 64, 0.5M steps."""
+"""CelebA-HQ 256x256: the 114M model, eps / fixedsmall / L_simple, lr 2e-5, batch 64, 0.5M steps.
 
-from configs import default
+The config itself is ddpm_jax/configs/celebahq256.py (shipped with the package, so it also works from an
+installed copy as `--config=$(python -c 'import ddpm_jax.configs as c; print(c.__path__[0])')/celebahq256.py`);
+this file keeps `--config=configs/celebahq256.py` working from the repository root.
+"""
 
-
-def get_config():
-  config = default.get_config()
-  config.data.dataset = "celeb_a_hq"
-  config.data.image_size = 256
-  default.set_256_model(config)
-  config.training.num_steps = 500_000
-  return config
+from ddpm_jax.configs.celebahq256 import get_config  # pylint: disable=unused-import

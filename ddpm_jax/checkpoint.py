@@ -13,12 +13,10 @@ import ml_collections
 import orbax.checkpoint as ocp
 from grain import checkpoint as grain_checkpoint
 
+from ddpm_jax.errors import CheckpointError
+
 # Sections whose change makes a checkpoint a different model (data.* shapes included).
 MODEL_KEYS = ("model", "diffusion", "data.image_size", "data.num_channels")
-
-
-class CheckpointError(ValueError):
-  """A missing, incompatible or unreadable checkpoint."""
 
 
 def checkpoint_dir(workdir: str) -> str:

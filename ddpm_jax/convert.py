@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from ddpm_jax.errors import ConfigError
 from ddpm_jax.models import unet as unet_lib
 
 # Our submodule names inside a block -> diffusers' names.
@@ -42,7 +43,7 @@ def _modernize_attention_keys(arrays):
     if "attentions" in parts and len(parts) >= 2 and parts[-2] in _LEGACY_ATTN_NAMES:
       key = ".".join(parts[:-2] + [_LEGACY_ATTN_NAMES[parts[-2]], parts[-1]])
     if key in renamed:
-      raise ValueError(f"The state dict holds both the legacy and the current name of {key}.")
+      raise ConfigError(f"The state dict holds both the legacy and the current name of {key}.")
     renamed[key] = value
   return renamed
 
@@ -100,7 +101,7 @@ def _image_size_for(levels, model):
     if size % 2 ** (num_levels - 1) == 0 and unet_lib.attention_levels(
         image_size=size, num_levels=num_levels, attn_resolutions=model.attn_resolutions) == levels:
       return size
-  raise ValueError(f"The state dict has attention at levels {levels}, which a U-Net with "
+  raise ConfigError(f"The state dict has attention at levels {levels}, which a U-Net with "
                    f"attn_resolutions={model.attn_resolutions} and {num_levels} levels never has.")
 
 
@@ -116,7 +117,7 @@ def unet_params_from_diffusers(state_dict, *, model: unet_lib.UNet):
   """Maps a diffusers `UNet2DModel` state dict (numpy arrays or torch tensors) to model's `{'params': ...}`."""
   arrays = _modernize_attention_keys({key: _to_numpy(value) for key, value in state_dict.items()})
   if "conv_in.weight" not in arrays:
-    raise ValueError("The diffusers state dict has no 'conv_in.weight'; is it a UNet2DModel state dict?")
+    raise ConfigError("The diffusers state dict has no 'conv_in.weight'; is it a UNet2DModel state dict?")
   num_levels = len(model.ch_mult)
   expected = _expected_params(model, levels=_diffusers_attention_levels(arrays, num_levels),
                               in_channels=arrays["conv_in.weight"].shape[1])
@@ -125,16 +126,16 @@ def unet_params_from_diffusers(state_dict, *, model: unet_lib.UNet):
   for path, leaf in expected.items():
     key = _diffusers_key(path, num_levels)
     if key not in arrays:
-      raise ValueError(f"The diffusers state dict has no {key!r}, needed for the model's {'/'.join(path)}.")
+      raise ConfigError(f"The diffusers state dict has no {key!r}, needed for the model's {'/'.join(path)}.")
     value = _to_flax_layout(arrays[key], leaf.shape)
     if value.shape != leaf.shape:
-      raise ValueError(f"{key!r} has shape {arrays[key].shape}, which does not fit the model's "
+      raise ConfigError(f"{key!r} has shape {arrays[key].shape}, which does not fit the model's "
                        f"{'/'.join(path)} of shape {leaf.shape}.")
     params[path] = value.astype(np.float32)
   used = {_diffusers_key(path, num_levels) for path in expected}
   unused = sorted(set(arrays) - used)
   if unused:
-    raise ValueError(f"{len(unused)} diffusers weights have no place in the model, e.g. {unused[:5]}.")
+    raise ConfigError(f"{len(unused)} diffusers weights have no place in the model, e.g. {unused[:5]}.")
   return {"params": traverse_util.unflatten_dict(params)}
 
 
@@ -143,7 +144,7 @@ def diffusers_unet_config(model_config, *, image_size, num_channels, learned_var
   model = unet_lib.create_model(model_config, image_size=image_size, num_channels=num_channels,
                                 learned_variance=learned_variance)
   if not model.resamp_with_conv:
-    raise ValueError("model.resamp_with_conv=False has no diffusers UNet2DModel equivalent "
+    raise ConfigError("model.resamp_with_conv=False has no diffusers UNet2DModel equivalent "
                      "(its down- and upsampling always use convolutions).")
   num_levels = len(model.ch_mult)
   attn = unet_lib.attention_levels(image_size=image_size, num_levels=num_levels,

@@ -17,30 +17,14 @@ import grain
 import numpy as np
 from PIL import Image
 
+from ddpm_jax.errors import DatasetError  # pylint: disable=unused-import (re-exported)
+
 _TFDS_NAMES = {"cifar10": "cifar10", "celeb_a_hq": "celeb_a_hq/256"}
 _KNOWN = ("digits", "image_folder", "cifar10", "celeb_a_hq", "lsun/<category>")
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 # Enough batches in flight to hide decoding, few enough that 256x256 batches stay small in memory.
 _READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=4)
-
-
-class DatasetError(ValueError):
-  """A data configuration the pipeline cannot serve; the message says which key or path to fix."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Conversions at the model boundary.
-
-
-def to_model_input(images_uint8):
-  """uint8 [0, 255] -> float32 [-1, 1] (`x / 127.5 - 1`), for NumPy or JAX arrays alike."""
-  return images_uint8.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
-
-
-def to_uint8(x):
-  """Model output in [-1, 1] -> uint8 [0, 255]: clip, `round((x + 1) * 127.5)`; NumPy or JAX."""
-  return ((x.clip(-1.0, 1.0) + 1.0) * 127.5).round().astype(np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,15 +316,11 @@ def train_iterator(data_config, *, global_batch_size: int, seed: int, process_in
   ds = ds[process_index::process_count]
   it_ds = ds.to_iter_dataset(_READ_OPTIONS)
   if data_config.num_workers > 0:
-    _ensure_flags_parsed()
+    if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; parsing them is the caller's business
+      raise DatasetError(f"config.data.num_workers = {data_config.num_workers} starts Grain worker processes, "
+                         "which read absl flags: call absl.flags.FLAGS.mark_as_parsed() first (main does).")
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(data_config.num_workers)))
   return iter(it_ds)
-
-
-def _ensure_flags_parsed():
-  """Grain's worker processes read absl flags; outside `app.run` (notebooks, tests) use their defaults."""
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
 
 
 def eval_batches(data_config, *, split: str, batch_size: int, num_examples: int):

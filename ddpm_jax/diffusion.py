@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddpm_jax.errors import ConfigError
+
 BETA_SCHEDULES = ("linear", "quad", "const", "jsd", "warmup10", "warmup50", "cosine")
 MEAN_TYPES = ("eps", "xstart", "xprev")
 VAR_TYPES = ("fixedlarge", "fixedsmall", "learned", "learned_range")
@@ -42,9 +44,9 @@ def _cosine_betas(num_timesteps, s=0.008):
 def get_beta_schedule(name, *, beta_start, beta_end, num_timesteps):
   """The betas of a named schedule, float64 [T]; validated."""
   if name not in BETA_SCHEDULES:
-    raise ValueError(f"Unknown beta schedule {name!r}; expected one of {', '.join(BETA_SCHEDULES)}.")
+    raise ConfigError(f"Unknown beta schedule {name!r}; expected one of {', '.join(BETA_SCHEDULES)}.")
   if int(num_timesteps) != num_timesteps or num_timesteps < 1:
-    raise ValueError(f"num_timesteps must be an integer >= 1, got {num_timesteps!r}.")
+    raise ConfigError(f"num_timesteps must be an integer >= 1, got {num_timesteps!r}.")
   num_timesteps = int(num_timesteps)
   if name == "linear":
     betas = np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
@@ -68,7 +70,7 @@ def _check_betas(betas, name):
   bad = ~((betas > 0) & (betas <= 1))
   if bad.any():
     i = int(np.argmax(bad))
-    raise ValueError(
+    raise ConfigError(
         f"Beta schedule {name!r} gives beta[{i}] = {betas[i]!r}; every beta must lie in (0, 1] "
         "(check beta_start and beta_end).")
 
@@ -117,7 +119,7 @@ class Diffusion:
 
 def _check_choice(kind, value, allowed):
   if value not in allowed:
-    raise ValueError(f"Unknown {kind} {value!r}; expected one of {', '.join(allowed)}.")
+    raise ConfigError(f"Unknown {kind} {value!r}; expected one of {', '.join(allowed)}.")
 
 
 def make_diffusion(betas, *, mean_type="eps", var_type="fixedlarge", loss_type="mse", hybrid_lambda=0.001):
@@ -127,14 +129,14 @@ def make_diffusion(betas, *, mean_type="eps", var_type="fixedlarge", loss_type="
   _check_choice("loss type", loss_type, LOSS_TYPES)
   learned = var_type in LEARNED_VAR_TYPES
   if loss_type == "mse" and learned:
-    raise ValueError(f"Loss type 'mse' does not train the variance; variance type {var_type!r} needs "
+    raise ConfigError(f"Loss type 'mse' does not train the variance; variance type {var_type!r} needs "
                      "loss type 'kl' or 'hybrid'.")
   if loss_type == "hybrid" and not learned:
-    raise ValueError(f"Loss type 'hybrid' needs a learned variance ('learned' or 'learned_range'), "
+    raise ConfigError(f"Loss type 'hybrid' needs a learned variance ('learned' or 'learned_range'), "
                      f"got variance type {var_type!r}.")
   betas = np.asarray(betas, dtype=np.float64)
   if betas.ndim != 1 or betas.shape[0] < 1:
-    raise ValueError(f"betas must be a 1-D array with T >= 1 entries, got shape {betas.shape}.")
+    raise ConfigError(f"betas must be a 1-D array with T >= 1 entries, got shape {betas.shape}.")
   _check_betas(betas, "given")
 
   alphas = 1.0 - betas

@@ -11,7 +11,8 @@ from ddpm_jax import checkpoint
 from ddpm_jax import images
 from ddpm_jax import parallel
 from ddpm_jax import sampling
-from ddpm_jax import train
+from ddpm_jax import state as state_lib
+from ddpm_jax.errors import ConfigError
 
 
 def restore_ema_params(config, workdir: str, *, model, tx, mesh, step: int = -1):
@@ -21,7 +22,7 @@ def restore_ema_params(config, workdir: str, *, model, tx, mesh, step: int = -1)
   saved = checkpoint.read_config(workdir)
   if saved is not None:
     checkpoint.check_compatible(saved, config, source=f"the checkpoint in {workdir}")
-  abstract = train.abstract_state(model, tx, shape=train.image_shape(config), mesh=mesh)
+  abstract = state_lib.abstract_state(model, tx, shape=state_lib.image_shape(config), mesh=mesh)
   state = checkpoint.restore(manager, abstract_state=abstract, step=step)
   return state.ema_params, step
 
@@ -51,12 +52,12 @@ def dump_samples(config, workdir: str) -> str | None:
   `arr_0`), a PNG grid, and the progressive pictures (x_t chain and predicted x_0). Returns the folder."""
   c = config.sampling
   if c.num_samples < 1:
-    raise ValueError(f"config.sampling.num_samples must be >= 1, got {c.num_samples}.")
+    raise ConfigError(f"config.sampling.num_samples must be >= 1, got {c.num_samples}.")
   parallel.check_batch_size(c.batch_size, what="config.sampling.batch_size")
-  d, model, tx, _ = train.build(config)
+  d, model, tx, _ = state_lib.build(config)
   mesh = parallel.make_mesh()
   params, step = restore_ema_params(config, workdir, model=model, tx=tx, mesh=mesh, step=c.checkpoint_step)
-  shape = train.image_shape(config)
+  shape = state_lib.image_shape(config)
   key = jax.random.fold_in(jax.random.key(config.seed), 3)
   logging.info("Sampling %d images from the EMA parameters of step %d (T = %d).", c.num_samples, step,
                d.num_timesteps)

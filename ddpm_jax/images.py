@@ -1,10 +1,20 @@
-"""Pictures people look at: sample grids and denoising-chain strips, as uint8 PNG files."""
+"""Pixels: conversions at the model boundary ([0, 255] <-> [-1, 1]), sample grids, chain strips, PNG files."""
 
 import math
 import os
 
 import numpy as np
 from PIL import Image
+
+
+def to_model_input(images_uint8):
+  """uint8 [0, 255] -> float32 [-1, 1] (`x / 127.5 - 1`), for NumPy or JAX arrays alike."""
+  return images_uint8.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+
+
+def to_uint8(x):
+  """Model output in [-1, 1] -> uint8 [0, 255]: clip, `round((x + 1) * 127.5)`; NumPy or JAX."""
+  return ((x.clip(-1.0, 1.0) + 1.0) * 127.5).round().astype(np.uint8)
 
 
 def make_grid(images: np.ndarray, *, ncols: int | None = None, padding: int = 2, pad_value: int = 255) -> np.ndarray:

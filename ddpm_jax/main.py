@@ -19,6 +19,7 @@ from ml_collections import config_flags
 
 from ddpm_jax import data
 from ddpm_jax import parallel
+from ddpm_jax.errors import ConfigError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. configs/cifar10.py.", lock_config=True)
@@ -26,18 +27,18 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, samples, Tensor
 flags.DEFINE_enum("mode", "train", ["train", "sample"], "train: train or resume; sample: sample from a checkpoint.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-USER_ERRORS = (ValueError, OSError)  # bad config values, bad paths, full disks
+USER_ERRORS = (ConfigError, OSError)  # bad config values, bad paths, full disks; anything else is a bug
 
 
 def run(config, workdir: str, mode: str):
-  """Runs one mode; the importable core of `main` (notebooks call this)."""
+  """Runs one mode (what `main` does after flag parsing and process set-up)."""
   from ddpm_jax import evaluate  # pylint: disable=g-import-not-at-top
   from ddpm_jax import train  # pylint: disable=g-import-not-at-top
   if mode == "train":
     return train.train_and_evaluate(config, workdir)
   if mode == "sample":
     return evaluate.dump_samples(config, workdir)
-  raise ValueError(f"Unknown mode {mode!r}; expected 'train' or 'sample'.")
+  raise ConfigError(f"Unknown mode {mode!r}; expected 'train' or 'sample'.")
 
 
 def main(argv):

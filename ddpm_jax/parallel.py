@@ -12,6 +12,8 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from ddpm_jax.errors import ConfigError
+
 AXIS = "data"
 
 _TPU_POD_VARS = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
@@ -32,7 +34,7 @@ def maybe_initialize_distributed(distributed_config) -> None:
   """
   mode = distributed_config.initialize
   if mode not in ("auto", "on", "off"):
-    raise ValueError(f"config.distributed.initialize must be 'auto', 'on' or 'off', got {mode!r}.")
+    raise ConfigError(f"config.distributed.initialize must be 'auto', 'on' or 'off', got {mode!r}.")
   if mode == "off" or (mode == "auto" and not _in_cluster_environment()):
     return
   kwargs = {}
@@ -56,10 +58,10 @@ def check_batch_size(batch_size: int, *, what: str) -> None:
   """Fails early, with the numbers, when a global batch cannot be split evenly over devices and hosts."""
   n, hosts = jax.device_count(), jax.process_count()
   if batch_size <= 0 or batch_size % n:
-    raise ValueError(f"{what} = {batch_size} is not divisible by the number of devices ({n}); "
+    raise ConfigError(f"{what} = {batch_size} is not divisible by the number of devices ({n}); "
                      f"choose a multiple of {n}.")
   if batch_size % hosts:
-    raise ValueError(f"{what} = {batch_size} is not divisible by the number of processes ({hosts}).")
+    raise ConfigError(f"{what} = {batch_size} is not divisible by the number of processes ({hosts}).")
 
 
 def round_up_to_devices(n: int) -> int:

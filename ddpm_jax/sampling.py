@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from ddpm_jax import data
 from ddpm_jax import diffusion as dm
+from ddpm_jax import images
 from ddpm_jax import parallel
 
 
@@ -61,7 +61,7 @@ def make_sampler(model, d: dm.Diffusion, mesh, *, image_shape, clip_denoised: bo
       return x, records
 
     x, records = jax.lax.fori_loop(0, T, body, (x, records))
-    return data.to_uint8(x), data.to_uint8(records)
+    return images.to_uint8(x), images.to_uint8(records)
 
   spec = P(None, None, parallel.AXIS)
   sample = parallel.data_parallel(per_device, mesh, in_specs=(P(), P(), P(parallel.AXIS)),
@@ -70,8 +70,8 @@ def make_sampler(model, d: dm.Diffusion, mesh, *, image_shape, clip_denoised: bo
     return lambda params, key, ids: sample(params, key, ids)[0]
 
   def sample_with_chain(params, key, ids):
-    images, records = sample(params, key, ids)
-    return images, Chain(timesteps=recorded, x=records[:, 0], pred_xstart=records[:, 1])
+    samples, records = sample(params, key, ids)
+    return samples, Chain(timesteps=recorded, x=records[:, 0], pred_xstart=records[:, 1])
 
   return sample_with_chain
 
@@ -90,8 +90,8 @@ def generate(sample_fn, params, *, key, num_samples: int, batch_size: int, mesh,
   """
   out, start_time = [], time.time()
   for start in range(0, num_samples, batch_size):
-    images = parallel.to_host(sample_fn(params, key, sample_ids(start, batch_size, mesh)))
-    out.append(images[:num_samples - start])
+    batch = parallel.to_host(sample_fn(params, key, sample_ids(start, batch_size, mesh)))
+    out.append(batch[:num_samples - start])
     if progress is not None:
       progress(min(start + batch_size, num_samples), num_samples, time.time() - start_time)
   return np.concatenate(out, axis=0)

@@ -1,4 +1,4 @@
-"""Training: the train state, the paper's optimizer, the data-parallel train step and the loop.
+"""Training: the data-parallel train step (Algorithm 1) and the training loop.
 
 The step follows Algorithm 1 with the official recipe: Adam after global-norm clipping,
 linear learning-rate warmup, and an EMA of the weights that sampling and evaluation use.
@@ -8,8 +8,6 @@ import functools
 import os
 import signal
 import time
-from typing import Any, NamedTuple
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,15 +21,9 @@ from ddpm_jax import diffusion as dm
 from ddpm_jax import images
 from ddpm_jax import parallel
 from ddpm_jax import sampling
+from ddpm_jax import state as state_lib
+from ddpm_jax.errors import ConfigError
 from ddpm_jax.models import unet
-
-
-class TrainState(NamedTuple):
-  step: jax.Array  # int32 scalar: number of updates applied
-  params: Any
-  ema_params: Any
-  opt_state: Any
-  key: jax.Array  # uint32 data of the run's base key (jax.random.key_data), stored as a plain array
 
 
 class NonFiniteError(RuntimeError):
@@ -39,50 +31,6 @@ class NonFiniteError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- pieces
-
-
-def make_optimizer(training_config):
-  """Adam after global-norm clipping, with linear warmup from 0 (the official recipe). Returns (tx, lr_fn)."""
-  c = training_config
-  lr_fn = (optax.linear_schedule(0.0, c.learning_rate, c.warmup_steps) if c.warmup_steps > 0
-           else optax.constant_schedule(c.learning_rate))
-  tx = optax.chain(optax.clip_by_global_norm(c.grad_clip),
-                   optax.adam(lr_fn, b1=c.adam_b1, b2=c.adam_b2, eps=c.adam_eps))
-  return tx, lr_fn
-
-
-def build(config):
-  """The diffusion, model and optimizer a config describes; every setting is checked here, early."""
-  d = dm.from_config(config.diffusion)
-  model = unet.create_model(config.model, image_size=config.data.image_size,
-                            num_channels=config.data.num_channels, learned_variance=d.learned_variance)
-  tx, lr_fn = make_optimizer(config.training)
-  return d, model, tx, lr_fn
-
-
-def image_shape(config):
-  return (config.data.image_size, config.data.image_size, config.data.num_channels)
-
-
-def init_state(model, tx, *, seed: int, shape) -> TrainState:
-  """Fresh parameters (the official initialisation), EMA equal to them, optimizer state, the base key."""
-  key = jax.random.key(seed)
-  x = jnp.zeros((1,) + tuple(shape), jnp.float32)
-  params = model.init({"params": jax.random.fold_in(key, 0)}, x, jnp.zeros((1,), jnp.int32), train=False)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params),
-                    key=jax.random.key_data(jax.random.fold_in(key, 1)))
-
-
-def abstract_state(model, tx, *, shape, mesh):
-  """Shapes, dtypes and (replicated) shardings of a train state, for restoring without initialising."""
-  abstract = jax.eval_shape(lambda: init_state(model, tx, seed=0, shape=shape))
-  sharding = parallel.replicated(mesh)
-  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
-
-
-def ema_update(ema, params, decay: float):
-  return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
 
 
 def per_example_randomness(step_key, ids, *, num_timesteps: int, shape):
@@ -101,9 +49,9 @@ def make_train_step(model, d: dm.Diffusion, tx, mesh, *, ema_decay: float, lr_fn
   buffers are donated.
   """
 
-  def one_step(state: TrainState, images_uint8):
+  def one_step(state: state_lib.TrainState, images_uint8):
     local_batch = images_uint8.shape[0]
-    x_start = data.to_model_input(images_uint8)
+    x_start = images.to_model_input(images_uint8)
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
     t, noise, dropout_keys = per_example_randomness(
         step_key, parallel.example_ids(local_batch), num_timesteps=d.num_timesteps, shape=x_start.shape[1:])
@@ -122,8 +70,9 @@ def make_train_step(model, d: dm.Diffusion, tx, mesh, *, ema_decay: float, lr_fn
     loss, grads = jax.lax.pmean((loss, grads), parallel.AXIS)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    new_state = TrainState(step=state.step + 1, params=params, ema_params=ema_update(state.ema_params, params, ema_decay),
-                           opt_state=opt_state, key=state.key)
+    new_state = state_lib.TrainState(step=state.step + 1, params=params,
+                                     ema_params=state_lib.ema_update(state.ema_params, params, ema_decay),
+                                     opt_state=opt_state, key=state.key)
     metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads),
                    learning_rate=jnp.asarray(lr_fn(state.step), jnp.float32))
     return new_state, metrics
@@ -165,10 +114,9 @@ class _Preemption:
 
 
 def _summary_writer(workdir):
-  """TensorBoard event files in WORKDIR (process 0); TensorFlow is kept off the accelerators."""
+  """TensorBoard event files in WORKDIR (process 0). `main` keeps TensorFlow off the accelerators."""
   if jax.process_index() != 0:
     return None
-  data.hide_accelerators_from_tensorflow()
   from flax.metrics import tensorboard  # pylint: disable=g-import-not-at-top
   return tensorboard.SummaryWriter(workdir)
 
@@ -177,16 +125,16 @@ def _check_intervals(training_config):
   c = training_config
   k = c.steps_per_dispatch
   if k < 1:
-    raise ValueError(f"config.training.steps_per_dispatch must be >= 1, got {k}.")
+    raise ConfigError(f"config.training.steps_per_dispatch must be >= 1, got {k}.")
   for name in ("log_every", "checkpoint_every", "sample_every"):
     value = c[name]
     if value < 0 or value % k:
-      raise ValueError(f"config.training.{name} = {value} must be >= 0 and a multiple of "
+      raise ConfigError(f"config.training.{name} = {value} must be >= 0 and a multiple of "
                        f"steps_per_dispatch = {k}.")
   if c.keep_checkpoints < 1:
-    raise ValueError(f"config.training.keep_checkpoints must be >= 1, got {c.keep_checkpoints}.")
+    raise ConfigError(f"config.training.keep_checkpoints must be >= 1, got {c.keep_checkpoints}.")
   if c.num_steps < 0:
-    raise ValueError(f"config.training.num_steps must be >= 0, got {c.num_steps}.")
+    raise ConfigError(f"config.training.num_steps must be >= 0, got {c.num_steps}.")
 
 
 def _format_duration(seconds: float) -> str:
@@ -260,9 +208,9 @@ def train_and_evaluate(config, workdir: str):
   c = config.training
   _check_intervals(c)
   parallel.check_batch_size(c.batch_size, what="config.training.batch_size")
-  d, model, tx, lr_fn = build(config)
+  d, model, tx, lr_fn = state_lib.build(config)
   mesh = parallel.make_mesh()
-  shape = image_shape(config)
+  shape = state_lib.image_shape(config)
 
   saved = checkpoint.read_config(workdir)
   if saved is not None:
@@ -272,11 +220,11 @@ def train_and_evaluate(config, workdir: str):
   manager = checkpoint.make_manager(workdir, keep=c.keep_checkpoints)
 
   if manager.latest_step() is not None:
-    state = checkpoint.restore(manager, abstract_state=abstract_state(model, tx, shape=shape, mesh=mesh),
+    state = checkpoint.restore(manager, abstract_state=state_lib.abstract_state(model, tx, shape=shape, mesh=mesh),
                                data_iterator=data_iterator)
     logging.info("Resumed from the checkpoint of step %d in %s.", int(state.step), checkpoint.checkpoint_dir(workdir))
   else:
-    state = jax.jit(functools.partial(init_state, model, tx, seed=config.seed, shape=shape),
+    state = jax.jit(functools.partial(state_lib.init_state, model, tx, seed=config.seed, shape=shape),
                     out_shardings=parallel.replicated(mesh))()
     logging.info("Starting from scratch: %s parameters.", f"{unet.count_params(state.params):,}")
 

@@ -22,7 +22,7 @@ if REPO not in sys.path:
 
 def tiny_config(**overrides):
   """The digits config shrunk for tests: 8x8 images, a 2-level 32-channel U-Net, T = 10."""
-  from configs import digits  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.configs import digits  # pylint: disable=g-import-not-at-top
   config = digits.get_config()
   config.data.image_size = 8
   config.model.ch_mult = (1, 2)

@@ -11,9 +11,10 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from configs import default
-from configs import digits as digits_config
+from ddpm_jax.configs import default
+from ddpm_jax.configs import digits as digits_config
 from ddpm_jax import data
+from ddpm_jax import images as images_lib
 
 N_FOLDER = 24  # images in the identifiable folder: 4 epochs of batches of 6 fit exactly
 SIZE = 8
@@ -170,12 +171,20 @@ def test_worker_processes_give_the_same_stream():
   config = _digits(random_flip=True)
   expected = _take(data.train_iterator(config, global_batch_size=8, seed=9), 3)
   config.num_workers = 1
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  was_parsed = flags.FLAGS.is_parsed()
+  if not was_parsed:  # library code leaves absl's flags alone: workers need them parsed
+    with pytest.raises(data.DatasetError, match="mark_as_parsed"):
+      data.train_iterator(config, global_batch_size=8, seed=9)
+    flags.FLAGS.mark_as_parsed()
   it = data.train_iterator(config, global_batch_size=8, seed=9)
   try:
     for x, y in zip(_take(it, 3), expected):
       np.testing.assert_array_equal(x, y)
   finally:
     it.close()
+    if not was_parsed:
+      flags.FLAGS.unparse_flags()
 
 # ----------------------------------------------------------------------------------------------
 # Image folders.
@@ -271,13 +280,13 @@ def test_tfds_not_prepared_offline_fails_fast(no_network, tmp_path, monkeypatch)
 def test_model_input_round_trip_is_exact():
   import jax.numpy as jnp
   values = np.arange(256, dtype=np.uint8).reshape(16, 16)
-  x = data.to_model_input(values)
+  x = images_lib.to_model_input(values)
   assert x.dtype == np.float32 and x.min() == -1.0 and x.max() == 1.0
-  np.testing.assert_array_equal(data.to_uint8(x), values)
-  xj = data.to_model_input(jnp.asarray(values))
+  np.testing.assert_array_equal(images_lib.to_uint8(x), values)
+  xj = images_lib.to_model_input(jnp.asarray(values))
   assert xj.dtype == jnp.float32
-  np.testing.assert_array_equal(np.asarray(data.to_uint8(xj)), values)
-  np.testing.assert_array_equal(data.to_uint8(np.array([-3.0, 3.0, 0.0], np.float32)), [0, 255, 128])
+  np.testing.assert_array_equal(np.asarray(images_lib.to_uint8(xj)), values)
+  np.testing.assert_array_equal(images_lib.to_uint8(np.array([-3.0, 3.0, 0.0], np.float32)), [0, 255, 128])
 
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from conftest import REPO, tiny_config
 from ddpm_jax import data, parallel, sampling, train
+from ddpm_jax import state as state_lib
 
 
 def leaves(tree):
@@ -21,7 +22,7 @@ def leaves(tree):
 
 def test_optimizer_is_the_papers_recipe():
   config = tiny_config(training__warmup_steps=5000, training__learning_rate=2e-4)
-  tx, lr_fn = train.make_optimizer(config.training)
+  tx, lr_fn = state_lib.make_optimizer(config.training)
   assert float(lr_fn(0)) == 0.0 and float(lr_fn(2500)) == pytest.approx(1e-4) and float(lr_fn(10**6)) == pytest.approx(2e-4)
   # Global-norm clipping at 1.0 happens before Adam: a huge gradient gives the same first update as a clipped one.
   params = {"w": jnp.ones((3,))}
@@ -34,11 +35,11 @@ def test_optimizer_is_the_papers_recipe():
 
 def test_ema_starts_at_params_and_follows_the_decay():
   config = tiny_config()
-  _, model, tx, _ = train.build(config)
-  state = train.init_state(model, tx, seed=0, shape=train.image_shape(config))
+  _, model, tx, _ = state_lib.build(config)
+  state = state_lib.init_state(model, tx, seed=0, shape=state_lib.image_shape(config))
   for p, e in zip(leaves(state.params), leaves(state.ema_params)):
     np.testing.assert_array_equal(p, e)
-  new = train.ema_update({"a": jnp.ones(2)}, {"a": jnp.zeros(2)}, 0.9999)
+  new = state_lib.ema_update({"a": jnp.ones(2)}, {"a": jnp.zeros(2)}, 0.9999)
   np.testing.assert_allclose(new["a"], 0.9999)
 
 
@@ -84,11 +85,11 @@ def test_non_finite_loss_stops_without_writing_a_checkpoint(tmp_path):
     _train(config, tmp_path)
   steps = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
   from ddpm_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  _, model, tx, _ = train.build(config)
+  _, model, tx, _ = state_lib.build(config)
   manager = checkpoint.make_manager(str(tmp_path), keep=10, read_only=True)
   for step in steps:
-    state = checkpoint.restore(manager, abstract_state=train.abstract_state(
-        model, tx, shape=train.image_shape(config), mesh=parallel.make_mesh()), step=step)
+    state = checkpoint.restore(manager, abstract_state=state_lib.abstract_state(
+        model, tx, shape=state_lib.image_shape(config), mesh=parallel.make_mesh()), step=step)
     assert all(np.isfinite(x).all() for x in leaves(state.params)), step
 
 
@@ -112,9 +113,9 @@ def test_training_on_digits_learns_and_samples_look_like_the_data(tmp_path):
   finally:
     train._Logger.report = original
   assert losses[-1] < 0.4 * losses[0], losses
-  d, model, _, _ = train.build(config)
+  d, model, _, _ = state_lib.build(config)
   mesh = parallel.make_mesh()
-  fn = sampling.make_sampler(model, d, mesh, image_shape=train.image_shape(config))
+  fn = sampling.make_sampler(model, d, mesh, image_shape=state_lib.image_shape(config))
   samples = sampling.generate(fn, state.ema_params, key=jax.random.key(1), num_samples=256, batch_size=128, mesh=mesh)
   real = np.stack([data.load_images(config.data, split="train")[i] for i in range(1797)])
   s, r = samples.astype(np.float64) / 255, real.astype(np.float64) / 255
@@ -134,9 +135,9 @@ def test_sampler_is_one_loop_whose_size_does_not_depend_on_T():
   counts = []
   for T in (10, 100):
     config.diffusion.num_timesteps = T
-    d, model, tx, _ = train.build(config)
-    params = jax.eval_shape(lambda: train.init_state(model, tx, seed=0, shape=train.image_shape(config))).ema_params
-    fn = sampling.make_sampler(model, d, mesh, image_shape=train.image_shape(config))
+    d, model, tx, _ = state_lib.build(config)
+    params = jax.eval_shape(lambda: state_lib.init_state(model, tx, seed=0, shape=state_lib.image_shape(config))).ema_params
+    fn = sampling.make_sampler(model, d, mesh, image_shape=state_lib.image_shape(config))
     text = jax.jit(fn).lower(params, jax.random.key(0), jnp.arange(4)).as_text()
     counts.append((text.count("stablehlo.convolution"), text.count("stablehlo.while"), len(text)))
   (conv10, while10, len10), (conv100, while100, len100) = counts
@@ -146,11 +147,11 @@ def test_sampler_is_one_loop_whose_size_does_not_depend_on_T():
 
 def test_progressive_sampling_records_the_chain_and_ends_at_the_sample():
   config = tiny_config()
-  d, model, tx, _ = train.build(config)
+  d, model, tx, _ = state_lib.build(config)
   mesh = parallel.make_mesh()
-  state = train.init_state(model, tx, seed=0, shape=train.image_shape(config))
-  plain = sampling.make_sampler(model, d, mesh, image_shape=train.image_shape(config))
-  chained = sampling.make_sampler(model, d, mesh, image_shape=train.image_shape(config), record_every=3)
+  state = state_lib.init_state(model, tx, seed=0, shape=state_lib.image_shape(config))
+  plain = sampling.make_sampler(model, d, mesh, image_shape=state_lib.image_shape(config))
+  chained = sampling.make_sampler(model, d, mesh, image_shape=state_lib.image_shape(config), record_every=3)
   ids = sampling.sample_ids(0, 4, mesh)
   images, chain = chained(state.ema_params, jax.random.key(0), ids)
   np.testing.assert_array_equal(images, plain(state.ema_params, jax.random.key(0), ids))
@@ -161,10 +162,10 @@ def test_progressive_sampling_records_the_chain_and_ends_at_the_sample():
 
 def test_any_number_of_samples_and_independent_of_batch_size():
   config = tiny_config()
-  d, model, tx, _ = train.build(config)
+  d, model, tx, _ = state_lib.build(config)
   mesh = parallel.make_mesh()
-  params = train.init_state(model, tx, seed=0, shape=train.image_shape(config)).ema_params
-  fn = sampling.make_sampler(model, d, mesh, image_shape=train.image_shape(config))
+  params = state_lib.init_state(model, tx, seed=0, shape=state_lib.image_shape(config)).ema_params
+  fn = sampling.make_sampler(model, d, mesh, image_shape=state_lib.image_shape(config))
   a = sampling.generate(fn, params, key=jax.random.key(0), num_samples=7, batch_size=4, mesh=mesh)
   b = sampling.generate(fn, params, key=jax.random.key(0), num_samples=7, batch_size=8, mesh=mesh)
   assert a.shape == (7, 8, 8, 1) and a.dtype == np.uint8

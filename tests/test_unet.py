@@ -12,7 +12,7 @@ import torch
 from diffusers import UNet2DModel
 from flax import traverse_util
 
-from configs import default
+from ddpm_jax.configs import default
 from ddpm_jax import convert
 from ddpm_jax.models import unet
 

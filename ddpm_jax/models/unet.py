@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddpm_jax.errors import ConfigError
+
 NUM_GROUPS = 32  # GroupNorm groups, everywhere
 NORM_EPS = 1e-6
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -200,31 +202,31 @@ class UNet(nn.Module):
 
 def _check_model_config(*, ch, ch_mult, num_res_blocks, attn_resolutions, dropout, dtype, image_size,
                         num_channels):
-  """Raises ValueError, naming the offending value, for a config this U-Net cannot be built from."""
+  """Raises ConfigError, naming the offending value, for a config this U-Net cannot be built from."""
   if not ch_mult:
-    raise ValueError("model.ch_mult is empty; the U-Net needs at least one level.")
+    raise ConfigError("model.ch_mult is empty; the U-Net needs at least one level.")
   if not all(isinstance(m, int) and m >= 1 for m in ch_mult):
-    raise ValueError(f"model.ch_mult={ch_mult} must hold positive integers.")
+    raise ConfigError(f"model.ch_mult={ch_mult} must hold positive integers.")
   if num_res_blocks < 1:
-    raise ValueError(f"model.num_res_blocks={num_res_blocks} must be at least 1.")
+    raise ConfigError(f"model.num_res_blocks={num_res_blocks} must be at least 1.")
   if not 0.0 <= dropout < 1.0:
-    raise ValueError(f"model.dropout={dropout} must be in [0, 1).")
+    raise ConfigError(f"model.dropout={dropout} must be in [0, 1).")
   if dtype not in DTYPES:
-    raise ValueError(f"model.dtype={dtype!r} is not one of {sorted(DTYPES)}.")
+    raise ConfigError(f"model.dtype={dtype!r} is not one of {sorted(DTYPES)}.")
   if num_channels < 1:
-    raise ValueError(f"data.num_channels={num_channels} must be at least 1.")
+    raise ConfigError(f"data.num_channels={num_channels} must be at least 1.")
   for channels in (ch, *(ch * m for m in ch_mult)):
     if channels < 1 or channels % NUM_GROUPS:
-      raise ValueError(f"model.ch={ch} with model.ch_mult={ch_mult} gives {channels} channels, which is not "
+      raise ConfigError(f"model.ch={ch} with model.ch_mult={ch_mult} gives {channels} channels, which is not "
                        f"a positive multiple of the {NUM_GROUPS} GroupNorm groups.")
   factor = 2 ** (len(ch_mult) - 1)
   if image_size < factor or image_size % factor:
-    raise ValueError(f"data.image_size={image_size} must be a positive multiple of {factor} = "
+    raise ConfigError(f"data.image_size={image_size} must be a positive multiple of {factor} = "
                      f"2**(len(model.ch_mult) - 1) for a {len(ch_mult)}-level U-Net.")
   resolutions = level_resolutions(image_size, len(ch_mult))
   for res in attn_resolutions:
     if res not in resolutions:
-      raise ValueError(f"model.attn_resolutions contains {res}, which never occurs in this U-Net; "
+      raise ConfigError(f"model.attn_resolutions contains {res}, which never occurs in this U-Net; "
                        f"its resolutions are {resolutions}.")
 
 

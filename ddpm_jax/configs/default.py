@@ -1,0 +1,97 @@
+"""Every configuration key, at the paper's CIFAR10 value (Ho et al. 2020, Appendix B).
+
+Dataset files in this folder start from `get_config()` here and override what differs.
+"""
+
+import ml_collections
+
+
+def get_config():
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  config.data = data = ml_collections.ConfigDict()
+  data.dataset = "cifar10"  # cifar10 | celeb_a_hq | lsun/<category> | image_folder | digits
+  data.split = "train"
+  data.image_size = 32
+  data.num_channels = 3
+  data.random_flip = True
+  data.tfds_data_dir = ""  # TFDS data_dir; "" means TFDS's default (~/tensorflow_datasets)
+  data.image_folder = ""  # a directory of PNG/JPEG images, for dataset = image_folder
+  data.num_workers = 0  # Grain worker processes; 0 reads in the main process
+
+  config.model = model = ml_collections.ConfigDict()
+  model.ch = 128
+  model.ch_mult = (1, 2, 2, 2)
+  model.num_res_blocks = 2
+  model.attn_resolutions = (16,)
+  model.dropout = 0.1
+  model.resamp_with_conv = True
+  model.dtype = "float32"  # compute dtype: float32 | bfloat16; parameters stay float32
+
+  config.diffusion = diffusion = ml_collections.ConfigDict()
+  diffusion.beta_schedule = "linear"  # linear | quad | const | jsd | warmup10 | warmup50 | cosine
+  diffusion.beta_start = 1e-4
+  diffusion.beta_end = 0.02
+  diffusion.num_timesteps = 1000
+  diffusion.mean_type = "eps"  # eps | xstart | xprev
+  diffusion.var_type = "fixedlarge"  # fixedlarge | fixedsmall | learned | learned_range
+  diffusion.loss_type = "mse"  # mse | kl | hybrid
+  diffusion.hybrid_lambda = 0.001
+
+  config.training = training = ml_collections.ConfigDict()
+  training.batch_size = 128  # global, over all devices and hosts
+  training.num_steps = 800_000
+  training.learning_rate = 2e-4
+  training.warmup_steps = 5000
+  training.adam_b1 = 0.9
+  training.adam_b2 = 0.999
+  training.adam_eps = 1e-8
+  training.grad_clip = 1.0
+  training.ema_decay = 0.9999
+  # >1 runs that many steps in one lax.scan per dispatch (for TPUs/GPUs with a slow host; not on CPU,
+  # where XLA runs the backward pass of a loop body far slower than the same step dispatched alone)
+  training.steps_per_dispatch = 1
+  training.log_every = 100
+  training.sample_every = 10_000
+  training.num_grid_samples = 64
+  training.checkpoint_every = 10_000
+  training.keep_checkpoints = 3
+
+  config.sampling = sampling = ml_collections.ConfigDict()
+  sampling.batch_size = 256  # global
+  sampling.num_samples = 64
+  sampling.clip_denoised = True
+  sampling.progressive_every = 100  # record x0 predictions every this many steps
+  sampling.num_progressive = 8  # samples (rows) in the progressive picture
+  sampling.checkpoint_step = -1  # -1: newest checkpoint
+
+  config.evaluation = evaluation = ml_collections.ConfigDict()
+  evaluation.split = "test"
+  evaluation.batch_size = 128
+  evaluation.num_examples = 10_000
+  evaluation.num_fid_samples = 50_000
+  evaluation.clip_denoised = True
+
+  config.distributed = distributed = ml_collections.ConfigDict()
+  # "auto": initialise jax.distributed when the environment is a TPU pod or a SLURM job.
+  # "on": always (reads coordinator_address etc. below or from the environment); "off": never.
+  distributed.initialize = "auto"
+  distributed.coordinator_address = ""
+  distributed.num_processes = 0
+  distributed.process_id = -1
+
+  return config
+
+
+def set_256_model(config):
+  """The paper's settings shared by all 256x256 datasets (CelebA-HQ, LSUN): 114M U-Net, fixedsmall."""
+  config.data.image_size = 256
+  config.model.ch_mult = (1, 1, 2, 2, 4, 4)
+  config.model.dropout = 0.0
+  config.diffusion.var_type = "fixedsmall"
+  config.training.batch_size = 64
+  config.training.learning_rate = 2e-5
+  config.sampling.batch_size = 128
+  config.evaluation.batch_size = 64
+  return config
