@@ -24,6 +24,7 @@ from safetensors import numpy as safetensors_numpy
 from conftest import REPO, config_flags, run_cli, tiny_config
 from ddpm_jax import checkpoint
 from ddpm_jax import convert
+from ddpm_jax import data
 from ddpm_jax import diffusion as dm
 from ddpm_jax import parallel
 from ddpm_jax import state as state_lib
@@ -149,8 +150,11 @@ def test_cifar10_hub_model_imports_and_exports_exactly(tmp_path):
   expected = torch_eps(reference, x, t)
   assert_close(jax_eps(model, state.ema_params, x, t), expected, "cifar10 import")
 
-  out, step = convert.export_diffusers(str(tmp_path / "wd"), str(tmp_path / "export"))
-  assert step == 0 and sorted(os.listdir(out)) == ["config.json", "diffusion_pytorch_model.safetensors",
+  out = str(tmp_path / "export")
+  result = subprocess.run([sys.executable, "-m", "ddpm_jax.convert", "export", f"--workdir={tmp_path / 'wd'}", out],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "Exported the EMA params of step 0" in result.stdout and sorted(os.listdir(out)) == ["config.json", "diffusion_pytorch_model.safetensors",
                                                    "model_index.json", "scheduler_config.json"]
   assert_close(torch_eps(assert_same_weights(out, reference), x, t), expected, "cifar10 export")
   pipeline = DDPMPipeline.from_pretrained(out)
@@ -316,6 +320,12 @@ def test_tf_raw_weights_on_request_and_overwrite(tmp_path, tf_twins):
   assert_close(jax_eps(model, state.ema_params, x, t), torch_eps(raw_model, x, t), "TF raw import")
   assert sorted(os.listdir(workdir)) == ["checkpoints", "config.json"]  # no staging folders left behind
 
+  # Training can continue from an imported workdir: it has no data-iterator position, so data starts afresh.
+  iterator = data.train_iterator(TINY.data, global_batch_size=8, seed=0, process_index=0, process_count=1)
+  manager = checkpoint.make_manager(workdir, keep=1, read_only=True)
+  abstract = state_lib.abstract_state(model, state_lib.build(TINY).tx, shape=(8, 8, 1), mesh=parallel.make_mesh())
+  assert int(checkpoint.restore(manager, abstract_state=abstract, data_iterator=iterator).step) == 4321
+
   # A checkpoint without global_step (e.g. an EMA-only export) lands at step 0.
   ema_only = {f"{k}/ExponentialMovingAverage": v for k, v in ema.items()}
   prefix = write_tf_checkpoint(tmp_path / "ema_only" / "model.ckpt", ema_only)
@@ -332,6 +342,7 @@ def import_error(tmp_path, src, *, config=TINY, **kwargs) -> str:
   assert not os.path.exists(workdir / "checkpoints")
   message = str(info.value)
   assert "\n" not in message and message.endswith("."), message
+  print(message)
   return message
 
 
@@ -348,7 +359,8 @@ def test_neither_format_and_missing_paths(tmp_path):
 @pytest.mark.parametrize("edit, match", [
     ("drop", r"lacks 1 of the model's \d+ weights: 'model/mid/block_2/conv2/W/ExponentialMovingAverage'"),
     ("extra", r"1 weight in the TF checkpoint .* has no place in the model: 'model/mid/block_3/conv1/W/Expon"),
-    ("unknown_raw", r"raw copy but no EMA copy or the reverse, e.g\. model/mid/mystery/W"),
+    ("unknown_raw", r"1 variable\(s\) under model/ with a raw copy but no EMA copy or the reverse, e\.g\. "
+                    r"model/mid/mystery/W"),
     ("shape", r"'model/down_0/block_0/conv2/W/ExponentialMovingAverage' has shape \(3, 3, 32, 16\), which does not "
               r"fit the model's down_0_block_0/conv2/kernel of shape \(3, 3, 32, 32\)"),
     ("no_ema", r"holds no /ExponentialMovingAverage copies .* pass --raw"),

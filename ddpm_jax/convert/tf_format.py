@@ -85,8 +85,8 @@ def read_checkpoint(prefix: str, *, raw: bool = False):
                             "pass --raw to import the raw weights.")
     if plain and ema != plain:
       odd = sorted(ema ^ plain)
-      raise CheckpointError(f"The TF checkpoint {prefix} has {len(odd)} variables under model/ with a raw copy but "
-                            f"no EMA copy or the reverse, e.g. {', '.join(odd[:5])}.")
+      raise CheckpointError(f"The TF checkpoint {prefix} has {len(odd)} variable(s) under model/ with a raw copy "
+                            f"but no EMA copy or the reverse, e.g. {', '.join(odd[:5])}.")
     selected = sorted(n + EMA_SUFFIX for n in ema)
   arrays = {}
   for name in selected:

@@ -63,8 +63,8 @@ def _read_source(src: str, *, config, raw: bool):
     source, step = tf_format.read_checkpoint(path, raw=raw)
     return source, step, None
   if raw:
-    raise ConfigError("--raw picks the raw weights of a TF checkpoint; a diffusers model directory holds one "
-                      "set of weights (the Hub's google/ddpm-* models hold the EMA weights).")
+    raise ConfigError("--raw picks the raw weights of a TF checkpoint; a diffusers model directory holds only "
+                      "one set of weights.")
   model_dir = diffusers_format.read_model_dir(path)
   if model_dir.scheduler_config is not None:
     scheduler_lib.check_scheduler(model_dir.scheduler_config, config, path=model_dir.scheduler_path)
