@@ -84,7 +84,7 @@ def make_sampler(model, d: dm.Diffusion, mesh, *, image_shape, clip_denoised: bo
   `timesteps`: the kept steps, ascending (None: all T); the network sees these original indices, the
   update uses the schedule respaced to them. `method`: "ancestral" (p_sample) or "ddim" with `eta`.
   x_T and the noise of the step from t are drawn from `fold_in(fold_in(key, id), T or t)` whatever is kept.
-  `as_uint8=False` returns float32 images (and records) in [-1, 1] instead, for comparisons with other code.
+  `as_uint8=False` returns the float32 images (and records) unclipped instead, for comparisons with other code.
   """
   _check_method(method, eta)
   T = d.num_timesteps

@@ -11,6 +11,7 @@ from PIL import Image
 
 from conftest import config_flags, run_cli, tiny_config
 from ddpm_jax import diffusion as dm
+from ddpm_jax import evaluate
 from ddpm_jax import images
 from ddpm_jax import interpolate
 from ddpm_jax import parallel
@@ -376,31 +377,34 @@ def test_cli_samples_with_ddim_in_5_steps(trained_tiny):
   result = run_cli("--config=configs/digits.py", f"--workdir={trained_tiny}", "--mode=sample", *TINY,
                    "--config.sampling.method=ddim", "--config.sampling.num_steps=5")
   assert result.returncode == 0, result.stderr[-3000:]
-  out = max((trained_tiny / "samples").glob("ckpt_4_n6_seed0*"), key=os.path.getmtime)
+  out = trained_tiny / "samples" / "ckpt_4_n6_seed0"
   arr = np.load(out / "samples.npz")["arr_0"]
   assert arr.shape == (6, 8, 8, 1) and arr.dtype == np.uint8
   # Kept: round(0, 2.25, 4.5, 6.75, 9) = 0 2 4 7 9; records after the steps passing a multiple of 3, and the last.
   assert (out / "chain_timesteps.txt").read_text().split() == ["9", "7", "4", "0"]
-  result = run_cli("--config=configs/digits.py", f"--workdir={trained_tiny}", "--mode=sample", *TINY,
-                   "--config.sampling.num_steps=11")
-  assert result.returncode == 1 and "config.sampling.num_steps = 11" in result.stderr, result.stderr[-2000:]
-  assert "Traceback" not in result.stderr
+  # A bad value stops the mode before anything is written.
+  config = tiny_config(sampling__num_steps=11)
+  with pytest.raises(ConfigError, match="config.sampling.num_steps = 11"):
+    evaluate.dump_samples(config, str(trained_tiny))
+  assert sorted(os.listdir(trained_tiny / "samples")) == ["ckpt_4_n6_seed0", "step_4.png"]
 
 
-def test_cli_interpolate_writes_the_pictures_and_arrays(trained_tiny):
-  args = ["--config=configs/digits.py", f"--workdir={trained_tiny}", "--mode=interpolate", *TINY,
-          "--config.interpolation.timesteps=(5,10)", "--config.interpolation.num_pairs=2",
-          "--config.interpolation.lambdas=(0.0,0.5,1.0)"]
-  result = run_cli(*args)
+def test_cli_interpolate_writes_the_pictures_and_arrays_beside_earlier_ones(trained_tiny):
+  earlier = trained_tiny / "interpolations" / "ckpt_4_seed0"
+  earlier.mkdir(parents=True)
+  (earlier / "interpolations.npz").write_bytes(b"earlier result")
+  result = run_cli("--config=configs/digits.py", f"--workdir={trained_tiny}", "--mode=interpolate", *TINY,
+                   "--config.interpolation.timesteps=(5,10)", "--config.interpolation.num_pairs=2",
+                   "--config.interpolation.lambdas=(0.0,0.5,1.0)")
   assert result.returncode == 0, result.stderr[-3000:]
-  out = trained_tiny / "interpolations" / "ckpt_4_seed0"
+  assert (earlier / "interpolations.npz").read_bytes() == b"earlier result"
+  out = trained_tiny / "interpolations" / "ckpt_4_seed0_1"
   arrays = np.load(out / "interpolations.npz")
   assert arrays["images"].shape == (2, 2, 3, 8, 8, 1)
   np.testing.assert_array_equal(arrays["timesteps"], [5, 10])
   for name in ("t5.png", "t10.png", "coarse_to_fine.png"):
     Image.open(out / name).verify()
-  assert run_cli(*args).returncode == 0  # a second run never overwrites the first
-  assert (trained_tiny / "interpolations" / "ckpt_4_seed0_1" / "interpolations.npz").exists()
-  result = run_cli(*args[:-3], "--config.interpolation.timesteps=(0,5)")
-  assert result.returncode == 1 and "t = 0, outside [1, T = 10]" in result.stderr, result.stderr[-2000:]
-  assert "Traceback" not in result.stderr
+  config = tiny_config(interpolation__timesteps=(0, 5))
+  with pytest.raises(ConfigError, match="t = 0, outside"):
+    interpolate.run(config, str(trained_tiny))
+  assert sorted(os.listdir(trained_tiny / "interpolations")) == ["ckpt_4_seed0", "ckpt_4_seed0_1"]
