@@ -165,7 +165,8 @@ def run(config, workdir: str) -> str | None:
                            timesteps=timesteps, batch_size=config.sampling.batch_size, mesh=mesh)
   if jax.process_index() != 0:
     return None
-  out = evaluate._fresh_dir(os.path.join(workdir, "interpolations", f"ckpt_{step}_seed{config.seed}"))  # pylint: disable=protected-access
+  fresh_dir = evaluate._fresh_dir  # pylint: disable=protected-access (never overwrite earlier results)
+  out = fresh_dir(os.path.join(workdir, "interpolations", f"ckpt_{step}_seed{config.seed}"))
   os.makedirs(out)
   np.savez(os.path.join(out, "interpolations.npz"), images=decoded, sources1=sources1, sources2=sources2,
            timesteps=np.asarray(timesteps, np.int32), lambdas=np.asarray(c.lambdas, np.float32))
