@@ -322,6 +322,32 @@ def p_sample(d: Diffusion, model_output, x_t, t, *, key=None, noise=None, clip_d
   return out.mean + nonzero * jnp.exp(0.5 * out.log_variance) * noise, out.pred_xstart
 
 
+def predict_eps_from_xstart(d: Diffusion, x_t, t, pred_xstart):
+  """The eps that x_0 implies: (sqrt(1/abar_t) x_t - x_0) / sqrt(1/abar_t - 1)."""
+  return ((extract(d.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - pred_xstart)
+          / extract(d.sqrt_recipm1_alphas_cumprod, t, x_t.shape))
+
+
+def ddim_sample(d: Diffusion, model_output, x_t, t, *, eta: float, noise=None, clip_denoised: bool = True):
+  """One DDIM step (Song et al. 2021) from step t to step t - 1 of `d` (abar_prev = 1 after t = 0).
+
+  eps is re-derived from the (clipped) x_0; sigma = eta sqrt((1 - abar_prev) / (1 - abar_t))
+  sqrt(1 - abar_t / abar_prev). `noise` is needed when eta > 0. Returns (x_{t-1}, predicted x_0).
+  On a respaced `Diffusion`, step t - 1 is the previous kept step.
+  """
+  pred_xstart = p_mean_variance(d, model_output, x_t, t, clip_denoised=clip_denoised).pred_xstart
+  eps = predict_eps_from_xstart(d, x_t, t, pred_xstart)
+  abar = extract(d.alphas_cumprod, t, x_t.shape)
+  abar_prev = extract(d.alphas_cumprod_prev, t, x_t.shape)
+  sigma = eta * jnp.sqrt((1.0 - abar_prev) / (1.0 - abar)) * jnp.sqrt(1.0 - abar / abar_prev)
+  x_prev = (jnp.sqrt(abar_prev) * pred_xstart
+            + jnp.sqrt(jnp.maximum(1.0 - abar_prev - jnp.square(sigma), 0.0)) * eps)
+  if eta > 0:
+    assert noise is not None and noise.shape == x_t.shape
+    x_prev = x_prev + sigma * noise
+  return x_prev, pred_xstart
+
+
 # ----------------------------------------------------------------------------- bounds and losses
 
 

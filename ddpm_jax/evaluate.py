@@ -62,7 +62,8 @@ def dump_samples(config, workdir: str) -> str | None:
   logging.info("Sampling %d images from the EMA parameters of step %d (T = %d).", c.num_samples, step,
                d.num_timesteps)
 
-  sample_fn = sampling.make_sampler(model, d, mesh, image_shape=shape, clip_denoised=c.clip_denoised)
+  sample_fn = sampling.make_sampler(model, d, mesh, image_shape=shape, clip_denoised=c.clip_denoised,
+                                    **sampling.sampler_options(c, d.num_timesteps))
   samples = sampling.generate(sample_fn, params, key=key, num_samples=c.num_samples, batch_size=c.batch_size,
                               mesh=mesh, progress=_progress_bar(c.num_samples))
   chain = None
@@ -70,7 +71,7 @@ def dump_samples(config, workdir: str) -> str | None:
     n = c.num_progressive
     chain_batch = parallel.round_up_to_devices(n)
     chain_fn = sampling.make_sampler(model, d, mesh, image_shape=shape, clip_denoised=c.clip_denoised,
-                                     record_every=c.progressive_every)
+                                     record_every=c.progressive_every, **sampling.sampler_options(c, d.num_timesteps))
     _, chain = chain_fn(params, key, sampling.sample_ids(0, chain_batch, mesh))
     chain = jax.tree.map(lambda a: parallel.to_host(a)[:, :n] if a.ndim > 1 else a, chain)
 

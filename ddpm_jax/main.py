@@ -24,7 +24,9 @@ from ddpm_jax.errors import ConfigError
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. configs/cifar10.py.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, samples, TensorBoard events and config.json.")
-flags.DEFINE_enum("mode", "train", ["train", "sample"], "train: train or resume; sample: sample from a checkpoint.")
+flags.DEFINE_enum("mode", "train", ["train", "sample", "interpolate"],
+                  "train: train or resume; sample: sample from a checkpoint; interpolate: the paper's "
+                  "interpolations (Figures 8, 9) from a checkpoint.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 USER_ERRORS = (ConfigError, OSError)  # bad config values, bad paths, full disks; anything else is a bug
@@ -38,7 +40,10 @@ def run(config, workdir: str, mode: str):
     return train.train_and_evaluate(config, workdir)
   if mode == "sample":
     return evaluate.dump_samples(config, workdir)
-  raise ConfigError(f"Unknown mode {mode!r}; expected 'train' or 'sample'.")
+  if mode == "interpolate":
+    from ddpm_jax import interpolate  # pylint: disable=g-import-not-at-top
+    return interpolate.run(config, workdir)
+  raise ConfigError(f"Unknown mode {mode!r}; expected 'train', 'sample' or 'interpolate'.")
 
 
 def main(argv):

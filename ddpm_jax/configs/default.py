@@ -65,6 +65,24 @@ def get_config():
   sampling.progressive_every = 100  # record x0 predictions every this many steps
   sampling.num_progressive = 8  # samples (rows) in the progressive picture
   sampling.checkpoint_step = -1  # -1: newest checkpoint
+  sampling.method = "ancestral"  # ancestral (Algorithm 2) | ddim (Song et al. 2021)
+  sampling.num_steps = -1  # reverse steps taken, in [1, T]; -1: all T
+  # which num_steps of the T steps: uniform (improved-diffusion's even spacing, keeps 0 and T-1) | ddim
+  # (improved-diffusion's "ddimN": 0, s, 2s, ...) | leading (diffusers' DDIMScheduler: stride T // N) |
+  # "ddimN" | section counts "10,15,20" (improved-diffusion's timestep_respacing; num_steps -1 or their sum)
+  sampling.spacing = "uniform"
+  sampling.eta = 0.0  # DDIM only: 0 deterministic, 1 ancestral-like noise
+
+  # The paper's interpolations (Section 4.4), --mode=interpolate.
+  config.interpolation = interpolation = ml_collections.ConfigDict()
+  interpolation.split = "train"  # the dataset split whose images (0, 1), (2, 3), ... are the source pairs
+  interpolation.num_pairs = 8  # rows of each picture
+  # noising steps t in [1, T] (the paper's numbering: 1000 = T); one picture per t (t = 500: Figure 8)
+  interpolation.timesteps = (250, 500, 750, 1000)
+  interpolation.lambdas = tuple(i / 10 for i in range(11))  # mixing weights: the columns of each picture
+  interpolation.figure9_pair = 0  # the pair shown at every t in the coarse-to-fine picture (Figure 9)
+  interpolation.image1 = ""  # two image files to interpolate between instead of dataset pairs
+  interpolation.image2 = ""
 
   config.evaluation = evaluation = ml_collections.ConfigDict()
   evaluation.split = "test"
