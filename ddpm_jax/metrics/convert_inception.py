@@ -139,8 +139,11 @@ def read_torch_weights(src: str) -> dict:
       if not isinstance(state, dict):
         raise ValueError(f"{source} holds a {type(state).__name__}, not a state dict.")
       state = {k: v.numpy() for k, v in state.items() if hasattr(v, "numpy")}
-  except (RuntimeError, OSError, EOFError, KeyError) as e:
-    raise ValueError(f"{source} is not a PyTorch state dict or TorchScript file ({e}).") from None
+  except ValueError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (torch's loaders raise many kinds on a bad file)
+    raise ValueError(f"{source} is not a PyTorch state dict or TorchScript file ({type(e).__name__}: "
+                     f"{str(e)[:200]}).") from None
   return flax_from_torchvision(state, source=source)
 
 
