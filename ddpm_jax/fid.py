@@ -20,6 +20,7 @@ from absl import flags
 import numpy as np
 from PIL import Image
 
+from ddpm_jax import errors
 from ddpm_jax.metrics import fid as fid_lib
 from ddpm_jax.metrics import inception
 from ddpm_jax.metrics import preprocess
@@ -51,7 +52,7 @@ def _folder_batches(paths):
       array = array[..., None] if array.ndim == 2 else array
       first = first if first is not None else (path, array.shape)
       if array.shape != first[1]:
-        raise ValueError(f"{path} is {array.shape}, but {first[0]} is {first[1]}: the images of a folder "
+        raise errors.ConfigError(f"{path} is {array.shape}, but {first[0]} is {first[1]}: the images of a folder "
                          "must all have one size and channel count.")
       chunk.append(array)
     yield np.stack(chunk)
@@ -62,21 +63,21 @@ def read_input(path: str):
   if os.path.isdir(path):
     paths = sorted(p for p in pathlib.Path(path).rglob("*") if p.suffix.lower() in _SUFFIXES and p.is_file())
     if not paths:
-      raise ValueError(f"The folder {path!r} contains no .png/.jpg/.jpeg images.")
+      raise errors.ConfigError(f"The folder {path!r} contains no .png/.jpg/.jpeg images.")
     return "images", _folder_batches(paths), len(paths), "image folder"
   if not os.path.isfile(path):
-    raise ValueError(f"Input {path!r} does not exist.")
+    raise errors.ConfigError(f"Input {path!r} does not exist.")
   if fid_lib.is_stats_file(path):
     return "stats", fid_lib.load_stats(path)
   try:
     with np.load(path, allow_pickle=False) as npz:
       images = npz["arr_0"] if "arr_0" in npz.files else None
   except (OSError, EOFError, ValueError) as e:
-    raise ValueError(f"Input {path!r} is neither a folder of images nor a readable .npz ({e}).") from None
+    raise errors.ConfigError(f"Input {path!r} is neither a folder of images nor a readable .npz ({e}).") from None
   if images is None:
-    raise ValueError(f"{path!r} has neither 'arr_0' (samples) nor 'mu'/'sigma' (statistics).")
+    raise errors.ConfigError(f"{path!r} has neither 'arr_0' (samples) nor 'mu'/'sigma' (statistics).")
   if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-    raise ValueError(f"{path!r}: 'arr_0' must be uint8 [N, H, W, 1 or 3] images, got {images.dtype} "
+    raise errors.ConfigError(f"{path!r}: 'arr_0' must be uint8 [N, H, W, 1 or 3] images, got {images.dtype} "
                      f"{images.shape}.")
   batches = (images[i:i + _CHUNK] for i in range(0, len(images), _CHUNK))
   return "images", batches, len(images), "samples npz"
@@ -96,12 +97,12 @@ def _inception_score(logits) -> dict:
 def compute(inputs: list[str]) -> dict:
   """Reads every input first (bad paths fail before anything is computed), then computes."""
   if len(FLAGS.save_stats) > len(inputs):
-    raise ValueError(f"--save_stats names {len(FLAGS.save_stats)} files for {len(inputs)} inputs.")
+    raise errors.ConfigError(f"--save_stats names {len(FLAGS.save_stats)} files for {len(inputs)} inputs.")
   saves = FLAGS.save_stats + [""] * (len(inputs) - len(FLAGS.save_stats))
   read = [read_input(path) for path in inputs]
   for path, (kind, *_), save_to in zip(inputs, read, saves):
     if kind == "stats" and save_to:
-      raise ValueError(f"--save_stats: {path!r} is already a statistics file.")
+      raise errors.ConfigError(f"--save_stats: {path!r} is already a statistics file.")
   stats_inputs = [r[1] for r in read if r[0] == "stats"]
   if len(stats_inputs) == 2:
     fid_lib.check_same_convention(*stats_inputs, trust_unlabelled=FLAGS.trust_unlabelled_stats)
@@ -109,7 +110,7 @@ def compute(inputs: list[str]) -> dict:
   feature_fn = params = None
   if len(stats_inputs) < len(inputs):  # some images: the network is needed
     if not FLAGS.inception_weights:
-      raise ValueError("--inception_weights is required for image inputs (see the README's "
+      raise errors.ConfigError("--inception_weights is required for image inputs (see the README's "
                        "'Inception weights and FID').")
     params = inception.load_params(FLAGS.inception_weights)
     feature_fn = inception.make_feature_fn(params, resize=FLAGS.resize, batch_size=FLAGS.batch_size)

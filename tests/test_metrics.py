@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 
 from ddpm_jax import data
+from ddpm_jax import errors
 from ddpm_jax.metrics import convert_inception
 from ddpm_jax.metrics import fid
 from ddpm_jax.metrics import inception
@@ -233,7 +234,7 @@ def test_weights_files_are_validated(real_weights, tmp_path, monkeypatch):
   path, _ = real_weights
   not_weights = tmp_path / "samples.npz"
   np.savez(not_weights, arr_0=np.zeros((2, 8, 8, 3), np.uint8))
-  with pytest.raises(ValueError, match="samples.npz' is not an Inception weights file"):
+  with pytest.raises(errors.ConfigError, match="samples.npz' is not an Inception weights file"):
     inception.load_params(str(not_weights))
   with pytest.raises(ValueError, match="missing.npz' does not exist"):
     inception.load_params(str(tmp_path / "missing.npz"))

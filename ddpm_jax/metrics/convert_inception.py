@@ -19,6 +19,7 @@ import zipfile
 
 import numpy as np
 
+from ddpm_jax import errors
 from ddpm_jax.metrics import inception
 
 # NVIDIA's TorchScript names -> torchvision / torch-fidelity names.
@@ -74,14 +75,14 @@ def torchvision_from_torchscript(state: dict) -> dict:
       out[f"{tv}.bn.running_mean"] = state.pop(f"{ts}.mean")
       out[f"{tv}.bn.running_var"] = state.pop(f"{ts}.var")
     except KeyError as e:
-      raise ValueError(f"The TorchScript file has no {e.args[0]!r}; is it NVIDIA's FID Inception "
+      raise errors.ConfigError(f"The TorchScript file has no {e.args[0]!r}; is it NVIDIA's FID Inception "
                        "(inception-2015-12-05.pt)?") from None
     out[f"{tv}.bn.weight"] = np.ones_like(out[f"{tv}.bn.bias"])
   for suffix in ("weight", "bias"):  # NVIDIA's classifier, when the file has one
     if f"output.{suffix}" in state:
       out[f"fc.{suffix}"] = state.pop(f"output.{suffix}")
   if state:
-    raise ValueError(f"The TorchScript file has {len(state)} weights that the FID Inception network does "
+    raise errors.ConfigError(f"The TorchScript file has {len(state)} weights that the FID Inception network does "
                      f"not have, e.g. {sorted(state)[:3]}.")
   return out
 
@@ -98,7 +99,7 @@ def flax_from_torchvision(state: dict, *, source: str) -> dict:
       continue
     var = next((v for v in _LAYER_VARS if key.endswith("." + v)), None)
     if var is None:
-      raise ValueError(f"{source}: {key!r} is not a weight of the FID Inception network.")
+      raise errors.ConfigError(f"{source}: {key!r} is not a weight of the FID Inception network.")
     module = key[:-len(var) - 1]
     collection, name = _LAYER_VARS[var]
     if name.endswith("kernel"):
@@ -119,7 +120,7 @@ def _import_torch():
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
-    raise ValueError("Reading .pth / TorchScript Inception weights needs PyTorch, which is not installed; "
+    raise errors.ConfigError("Reading .pth / TorchScript Inception weights needs PyTorch, which is not installed; "
                      "`pip install torch` (CPU is enough), convert once, and evaluate without it.") from None
   return torch
 
@@ -127,7 +128,7 @@ def _import_torch():
 def read_torch_weights(src: str) -> dict:
   """The flat Flax arrays in a pytorch-fid / torch-fidelity state dict or an NVIDIA TorchScript file."""
   if not os.path.isfile(src):
-    raise ValueError(f"Inception weights source {src!r} does not exist.")
+    raise errors.ConfigError(f"Inception weights source {src!r} does not exist.")
   torch = _import_torch()
   source = repr(src)
   try:
@@ -137,12 +138,12 @@ def read_torch_weights(src: str) -> dict:
     else:
       state = torch.load(src, map_location="cpu", weights_only=True)
       if not isinstance(state, dict):
-        raise ValueError(f"{source} holds a {type(state).__name__}, not a state dict.")
+        raise errors.ConfigError(f"{source} holds a {type(state).__name__}, not a state dict.")
       state = {k: v.numpy() for k, v in state.items() if hasattr(v, "numpy")}
   except ValueError:
     raise
   except Exception as e:  # pylint: disable=broad-except  (torch's loaders raise many kinds on a bad file)
-    raise ValueError(f"{source} is not a PyTorch state dict or TorchScript file ({type(e).__name__}: "
+    raise errors.ConfigError(f"{source} is not a PyTorch state dict or TorchScript file ({type(e).__name__}: "
                      f"{str(e)[:200]}).") from None
   return flax_from_torchvision(state, source=source)
 
@@ -158,14 +159,14 @@ def check_hash_in_name(src: str) -> None:
     for block in iter(lambda: f.read(1 << 20), b""):
       digest.update(block)
   if not digest.hexdigest().startswith(match.group(1)):
-    raise ValueError(f"{src!r} has sha256 {digest.hexdigest()[:16]}..., not the {match.group(1)}... its name "
+    raise errors.ConfigError(f"{src!r} has sha256 {digest.hexdigest()[:16]}..., not the {match.group(1)}... its name "
                      "promises: the download is incomplete or corrupted; fetch it again.")
 
 
 def convert_weights(src: str, out_npz: str) -> inception.InceptionParams:
   """Converts `src` (see the module docstring) to this project's .npz; returns the loaded result."""
   if os.path.abspath(src) == os.path.abspath(out_npz):
-    raise ValueError(f"The output {out_npz!r} would overwrite the source.")
+    raise errors.ConfigError(f"The output {out_npz!r} would overwrite the source.")
   if os.path.isfile(src):
     check_hash_in_name(src)
   inception.save_params(out_npz, read_torch_weights(src), source=os.path.basename(src))

@@ -17,6 +17,8 @@ import scipy.linalg
 import scipy.special
 import tqdm
 
+from ddpm_jax import errors
+
 STATS_FORMAT = "ddpm_jax-fid-stats-v1"
 # Metadata that changes pool3 statistics: comparing across different values is meaningless.
 CONVENTION_KEYS = ("weights_hash", "resize")
@@ -51,7 +53,7 @@ def accumulate(sums: FeatureSums, features) -> FeatureSums:
 def mean_and_cov(sums: FeatureSums) -> tuple[np.ndarray, np.ndarray]:
   """The mean and the unbiased covariance (divisor n - 1) of everything accumulated."""
   if sums.count < 2:
-    raise ValueError(f"FID statistics need at least 2 images, got {sums.count}.")
+    raise errors.ConfigError(f"FID statistics need at least 2 images, got {sums.count}.")
   mu = sums.total / sums.count
   sigma = (sums.total_outer - sums.count * np.outer(mu, mu)) / (sums.count - 1)
   return mu, (sigma + sigma.T) / 2
@@ -80,7 +82,7 @@ def stats_and_logits(feature_fn, batches, *, meta: dict, total: int | None = Non
         logits.append(batch_logits)
       bar.update(len(batch))
   if sums is None:
-    raise ValueError(f"No images to compute statistics of ({meta.get('dataset', 'input')}).")
+    raise errors.ConfigError(f"No images to compute statistics of ({meta.get('dataset', 'input')}).")
   return stats_from_sums(sums, meta=meta), (np.concatenate(logits) if logits else None)
 
 
@@ -100,7 +102,7 @@ def save_stats(path: str, stats: Stats | FeatureSums, *, meta: dict | None = Non
     stats = stats._replace(meta=dict(stats.meta, **(meta or {})))
   missing = [k for k in CONVENTION_KEYS if k not in stats.meta]
   if missing:
-    raise ValueError(f"Statistics for {path!r} lack the convention keys {missing} in their metadata.")
+    raise errors.ConfigError(f"Statistics for {path!r} lack the convention keys {missing} in their metadata.")
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "wb") as f:
     np.savez(f, format=np.array(STATS_FORMAT), mu=stats.mu, sigma=stats.sigma, count=np.array(stats.count),
@@ -124,32 +126,32 @@ def load_stats(path: str) -> Stats:
     with np.load(path, allow_pickle=False) as npz:
       files = set(npz.files)
       if not {"mu", "sigma"} <= files:
-        raise ValueError(f"{path!r} is not a statistics file: it has no 'mu' and 'sigma'.")
+        raise errors.ConfigError(f"{path!r} is not a statistics file: it has no 'mu' and 'sigma'.")
       mu, sigma = np.asarray(npz["mu"], np.float64), np.asarray(npz["sigma"], np.float64)
       meta = json.loads(str(npz["meta"])) if "meta" in files else {}
       count = int(npz["count"]) if "count" in files else int(meta.get("count", 0))
   except (OSError, json.JSONDecodeError) as e:
-    raise ValueError(f"{path!r} is not a readable statistics .npz ({e}).") from None
+    raise errors.ConfigError(f"{path!r} is not a readable statistics .npz ({e}).") from None
   if mu.ndim != 1 or sigma.shape != (mu.shape[0],) * 2:
-    raise ValueError(f"{path!r}: mu {mu.shape} and sigma {sigma.shape} are not a mean and its covariance.")
+    raise errors.ConfigError(f"{path!r}: mu {mu.shape} and sigma {sigma.shape} are not a mean and its covariance.")
   return Stats(mu, sigma, count, dict(meta, source=path))
 
 
 def check_same_convention(a: Stats, b: Stats, *, trust_unlabelled: bool = False) -> None:
-  """Refuses (ValueError naming the key and both values) statistics computed under different conventions.
+  """Refuses (ConfigError naming the key and both values) statistics computed under different conventions.
 
   With `trust_unlabelled`, a side that records no convention at all (another tool's file) is accepted.
   """
   for stats in (a, b):
     if not any(k in stats.meta for k in CONVENTION_KEYS) and not trust_unlabelled:
-      raise ValueError(f"Statistics {_name(stats)} record no Inception weights hash or resize convention, "
+      raise errors.ConfigError(f"Statistics {_name(stats)} record no Inception weights hash or resize convention, "
                        "so they cannot be checked against the other side; recompute them with this "
                        "project, or pass --trust_unlabelled_stats if you know they match.")
   if not all(any(k in s.meta for k in CONVENTION_KEYS) for s in (a, b)):
     return
   for key in CONVENTION_KEYS:
     if a.meta.get(key) != b.meta.get(key):
-      raise ValueError(f"The statistics differ in {key}: {a.meta.get(key)!r} ({_name(a)}) vs "
+      raise errors.ConfigError(f"The statistics differ in {key}: {a.meta.get(key)!r} ({_name(a)}) vs "
                        f"{b.meta.get(key)!r} ({_name(b)}); FID between them would be meaningless.")
 
 
@@ -171,7 +173,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, *, eps: float = 1e-6) -> float:
   mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
   sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
   if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
-    raise ValueError(f"Mismatched statistics: mu {mu1.shape} / {mu2.shape}, sigma {sigma1.shape} / "
+    raise errors.ConfigError(f"Mismatched statistics: mu {mu1.shape} / {mu2.shape}, sigma {sigma1.shape} / "
                      f"{sigma2.shape}.")
   diff = mu1 - mu2
   covmean = _sqrtm(sigma1 @ sigma2)
@@ -217,7 +219,7 @@ def inception_score(logits, splits: int = 10, *, shuffle: bool = True, seed: int
   """
   logits = np.asarray(logits, np.float64)
   if logits.ndim != 2 or len(logits) < splits:
-    raise ValueError(f"The Inception Score needs at least {splits} rows of logits, got shape {logits.shape}.")
+    raise errors.ConfigError(f"The Inception Score needs at least {splits} rows of logits, got shape {logits.shape}.")
   n = len(logits)
   if shuffle:
     logits = logits[np.random.RandomState(seed).permutation(n)]

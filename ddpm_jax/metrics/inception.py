@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 import tqdm
 
+from ddpm_jax import errors
 from ddpm_jax import parallel
 from ddpm_jax.metrics import preprocess
 
@@ -212,18 +213,18 @@ def check_arrays(arrays: dict, *, source: str) -> bool:
   expected = expected_shapes()
   unknown = sorted(set(arrays) - set(expected))
   if unknown:
-    raise ValueError(f"{source} has {len(unknown)} arrays the FID Inception network does not have, "
+    raise errors.ConfigError(f"{source} has {len(unknown)} arrays the FID Inception network does not have, "
                      f"e.g. {unknown[:3]}.")
   missing = sorted(k for k in expected if k not in arrays and not is_logits_key(k))
   if missing:
-    raise ValueError(f"{source} lacks {len(missing)} arrays of the FID Inception network, e.g. {missing[:3]}.")
+    raise errors.ConfigError(f"{source} lacks {len(missing)} arrays of the FID Inception network, e.g. {missing[:3]}.")
   for key, value in arrays.items():
     if tuple(value.shape) != expected[key]:
-      raise ValueError(f"{source}: {key} has shape {tuple(value.shape)}, the network needs {expected[key]}.")
+      raise errors.ConfigError(f"{source}: {key} has shape {tuple(value.shape)}, the network needs {expected[key]}.")
   logits = [k for k in expected if is_logits_key(k)]
   present = [k in arrays for k in logits]
   if any(present) and not all(present):
-    raise ValueError(f"{source} has only part of the classifier ({', '.join(logits)}).")
+    raise errors.ConfigError(f"{source} has only part of the classifier ({', '.join(logits)}).")
   return all(present)
 
 
@@ -242,22 +243,22 @@ def hash_arrays(arrays: dict) -> str:
 
 def _read_npz(path: str) -> dict:
   if not os.path.isfile(path):
-    raise ValueError(f"Inception weights file {path!r} does not exist; convert one with "
+    raise errors.ConfigError(f"Inception weights file {path!r} does not exist; convert one with "
                      "`python -m ddpm_jax.metrics.convert_inception SRC OUT.npz` (see the README).")
   try:
     with np.load(path, allow_pickle=False) as npz:
       arrays = {k: npz[k] for k in npz.files}
   except (OSError, ValueError) as e:
-    raise ValueError(f"{path!r} is not a readable .npz weights file ({e}).") from None
+    raise errors.ConfigError(f"{path!r} is not a readable .npz weights file ({e}).") from None
   if str(arrays.pop("format", "")) != FORMAT:
-    raise ValueError(f"{path!r} is not an Inception weights file of this project; convert the .pth / "
+    raise errors.ConfigError(f"{path!r} is not an Inception weights file of this project; convert the .pth / "
                      "TorchScript file with `python -m ddpm_jax.metrics.convert_inception SRC OUT.npz`.")
   arrays.pop("source", None)
   return arrays
 
 
 def load_params(path: str) -> InceptionParams:
-  """Reads and validates a weights .npz; ValueError naming the file when it is not one."""
+  """Reads and validates a weights .npz; ConfigError naming the file when it is not one."""
   arrays = _read_npz(path)
   has_logits = check_arrays(arrays, source=repr(path))
   variables = traverse_util.unflatten_dict({tuple(k.split("/")): jnp.asarray(v, jnp.float32)
@@ -289,7 +290,7 @@ def _as_nhwc_uint8(images) -> np.ndarray:
   if images.ndim == 3:
     images = images[..., None]
   if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-    raise ValueError(f"Inception input must be uint8 [N, H, W, 1 or 3] images, got {images.dtype} "
+    raise errors.ConfigError(f"Inception input must be uint8 [N, H, W, 1 or 3] images, got {images.dtype} "
                      f"{images.shape}.")
   return images
 

@@ -11,6 +11,8 @@ records which one it used (`RESIZE_MODES`):
 import jax.numpy as jnp
 import numpy as np
 
+from ddpm_jax import errors
+
 INPUT_SIZE = 299
 RESIZE_MODES = ("tf", "pytorch")
 
@@ -72,7 +74,7 @@ def resize_torch_bilinear(x, size: int = INPUT_SIZE):
 
 def check_resize(resize: str) -> str:
   if resize not in RESIZE_MODES:
-    raise ValueError(f"resize = {resize!r} is not one of {', '.join(RESIZE_MODES)}.")
+    raise errors.ConfigError(f"resize = {resize!r} is not one of {', '.join(RESIZE_MODES)}.")
   return resize
 
 
