@@ -159,14 +159,6 @@ def _summary_writer(log_dir: str):
   return tensorboard.SummaryWriter(log_dir)
 
 
-def _write_scalars(log_dir: str, scalars: dict, step: int) -> None:
-  writer = _summary_writer(log_dir)
-  if writer is None:
-    return
-  for name, value in scalars.items():
-    if value is not None:
-      writer.scalar(name, value, step)
-  writer.close()
 
 
 def _local_rows(batch: np.ndarray) -> np.ndarray:
@@ -293,7 +285,7 @@ class Evaluator:
     self.built = state_lib.build(config)
     self.mesh = parallel.make_mesh()
     self.eval_dir = os.path.join(workdir, "eval")
-    self._bpd_fn = self._sample_fn = self._inception = None
+    self._bpd_fn = self._sample_fn = self._inception = self._writer = None
 
   def restore(self, step: int = -1):
     """(EMA params, step) of a checkpoint; the newest for step = -1."""
@@ -302,6 +294,17 @@ class Evaluator:
 
   def run(self, mode: str, params, step: int) -> str:
     return {"bpd": self.bpd, "fid": self.fid}[mode](params, step)
+
+  def _write_scalars(self, scalars: dict, step: int) -> None:
+    """TensorBoard scalars in WORKDIR/eval (process 0; one event file per Evaluator)."""
+    if self._writer is None:
+      self._writer = _summary_writer(self.eval_dir)
+    if self._writer is None:
+      return
+    for name, value in scalars.items():
+      if value is not None:
+        self._writer.scalar(name, value, step)
+    self._writer.flush()
 
   # --- bits/dim
 
@@ -362,10 +365,10 @@ class Evaluator:
     result = dict(result, plot=os.path.basename(plot), parts_dir=os.path.relpath(parts_dir, self.eval_dir))
     _write_json(path, result)
     split = result["split"]
-    _write_scalars(self.eval_dir, {f"bpd_{split}/total": result["bits_per_dim"]["mean"],
-                                   f"bpd_{split}/prior": result["prior_bpd"]["mean"],
-                                   f"bpd_{split}/rate": result["rate_bpd"]["mean"],
-                                   f"bpd_{split}/distortion": result["distortion_bpd"]["mean"]}, step)
+    self._write_scalars({f"bpd_{split}/total": result["bits_per_dim"]["mean"],
+                         f"bpd_{split}/prior": result["prior_bpd"]["mean"],
+                         f"bpd_{split}/rate": result["rate_bpd"]["mean"],
+                         f"bpd_{split}/distortion": result["distortion_bpd"]["mean"]}, step)
     logging.info("Step %d, %s split: %.4f +- %.4f bits/dim (rate %.4f, distortion %.4f, prior %.2g); wrote %s",
                  step, split, result["bits_per_dim"]["mean"], result["bits_per_dim"]["stderr"] or 0.0,
                  result["rate_bpd"]["mean"], result["distortion_bpd"]["mean"], result["prior_bpd"]["mean"], path)
@@ -429,7 +432,11 @@ class Evaluator:
     if ev.num_fid_reference > size:
       raise ConfigError(f"config.evaluation.num_fid_reference = {ev.num_fid_reference} exceeds the {size} images "
                         f"of split {split!r} of {self.config.data.dataset!r}.")
-    return ev.num_fid_reference or size
+    count = ev.num_fid_reference or size
+    if count % jax.process_count():
+      raise ConfigError(f"{count} reference images of split {split!r} do not split evenly over "
+                        f"{jax.process_count()} processes; set config.evaluation.num_fid_reference to a multiple.")
+    return count
 
   def _dataset_id(self) -> str:
     c = self.config.data
@@ -573,7 +580,7 @@ class Evaluator:
     _write_json(path, result)
     scalars = {f"fid/vs_{split}": value for split, value in fids.items()}
     scalars["fid/inception_score"] = (result["inception_score"] or {}).get("mean")
-    _write_scalars(self.eval_dir, scalars, step)
+    self._write_scalars(scalars, step)
     logging.info("Step %d: FID %s over %d samples (%s, resize %s), IS %s; wrote %s", step,
                  ", ".join(f"{v:.3f} vs {s}" for s, v in fids.items()), stats.count, _sampler_tag(record),
                  ev.fid_resize, "n/a" if result["inception_score"] is None else f"{result['inception_score']['mean']:.3f}",

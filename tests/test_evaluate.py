@@ -25,6 +25,9 @@ from ddpm_jax import parallel
 from ddpm_jax import sampling
 from ddpm_jax import state as state_lib
 from ddpm_jax.errors import ConfigError
+from ddpm_jax.metrics import fid as fid_lib
+
+REFERENCE_FRECHET_DISTANCE = fid_lib.frechet_distance  # before any test replaces it
 
 T = 10  # tiny_config's diffusion steps
 
@@ -34,7 +37,7 @@ def eval_config(workdir_root, weights="", **overrides):
   config = tiny_config()
   ev = config.evaluation
   ev.split, ev.num_examples, ev.batch_size = "train", 10, 4  # bpd batches [0, 4), [4, 8), [8, 10)
-  ev.num_fid_samples, ev.sample_chunk_size = 10, 4  # chunks [0, 4), [4, 8), [8, 10); 10 = the IS splits
+  ev.num_fid_samples, ev.sample_chunk_size = 12, 5  # chunks [0, 5), [5, 10), [10, 12); IS: 10 splits of 1-2
   ev.fid_reference_splits, ev.num_fid_reference = ("train", "test"), 4
   ev.inception_weights = str(weights)
   ev.stats_dir = str(workdir_root / "fid_stats")
@@ -157,8 +160,35 @@ def test_bpd_matches_calc_bpd_loop_and_resumes_with_the_same_numbers(trained, ro
 # ----------------------------------------------------------------------------- FID
 
 
+def low_rank_frechet_distance(mu1, sigma1, mu2, sigma2, **_):
+  """The Frechet distance, exact when sigma1 has rank < 64 (statistics of a few images): tr sqrt(sigma1 sigma2)
+  from 64x64 matrices in the range of sigma1 instead of a 2048x2048 sqrtm, which takes 30-90 s on this
+  shared 2-core machine. Checked against fid.frechet_distance below; the metrics tests check that one."""
+  q, _ = np.linalg.qr(sigma1 @ np.random.default_rng(0).normal(size=(len(mu1), 64)))
+  w, v = np.linalg.eigh(q.T @ sigma1 @ q)
+  root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+  tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh(root @ (q.T @ sigma2 @ q) @ root), 0, None)).sum()
+  diff = mu1 - mu2
+  return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_sqrt)
+
+
+def test_the_low_rank_frechet_distance_equals_the_reference_one():
+  rng = np.random.default_rng(1)
+  a, b = rng.normal(size=(12, 96)), rng.normal(0.3, 2.0, size=(4, 96))
+  stats = [(x.mean(0), np.cov(x, rowvar=False)) for x in (a, b)]
+  assert low_rank_frechet_distance(*stats[0], *stats[1]) == pytest.approx(
+      REFERENCE_FRECHET_DISTANCE(*stats[0], *stats[1]), rel=1e-4)
+
+
 @pytest.fixture(scope="module")
-def fid_run(trained, root, inception_weights):
+def fast_fid():
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(fid_lib, "frechet_distance", low_rank_frechet_distance)
+    yield
+
+
+@pytest.fixture(scope="module")
+def fid_run(trained, root, inception_weights, fast_fid):
   """One uninterrupted --mode=fid (in process): (workdir, result path)."""
   workdir = copy_of(trained, root / "fid_plain")
   return workdir, evaluate.evaluate_fid(eval_config(root, inception_weights), str(workdir))
@@ -173,7 +203,7 @@ def test_fid_writes_fid_vs_both_splits_is_and_the_sample_record(fid_run, root, i
   workdir, path = fid_run
   r = load_json(path)
   assert os.path.basename(path) == "fid_4_ancestral10.json"
-  assert r["step"] == 4 and r["num_samples"] == 10 and r["sampler"] == {"method": "ancestral", "num_steps": T}
+  assert r["step"] == 4 and r["num_samples"] == 12 and r["sampler"] == {"method": "ancestral", "num_steps": T}
   assert r["inception"]["resize"] == "tf" and r["inception"]["has_logits"]
   assert set(r["fid"]) == {"train", "test"} and all(np.isfinite(v) and v > 0 for v in r["fid"].values())
   assert r["fid"]["train"] == r["fid"]["test"]  # the digits' two splits are the same images
@@ -181,33 +211,41 @@ def test_fid_writes_fid_vs_both_splits_is_and_the_sample_record(fid_run, root, i
   assert r["inception_score"]["splits"] == 10 and r["inception_score"]["mean"] >= 1.0
   assert Image.open(workdir / "eval" / r["grid"]).size[0] >= 256
   # The reference statistics are cached with their convention inside, and reused.
-  from ddpm_jax.metrics import fid as fid_lib  # pylint: disable=g-import-not-at-top
   stats = fid_lib.load_stats(r["reference"]["train"]["path"])
   assert stats.meta["weights_hash"] == r["inception"]["weights_hash"] and stats.meta["split"] == "train"
   assert stats.meta["resize"] == "tf" and stats.count == 4
   # Chunks hold samples 0..9 exactly as the sampler draws them alone (sample i depends on the seed and i only).
   folder, chunks = chunk_paths(workdir)
-  assert [p.name for p in chunks] == ["chunk_0000000_0000004.npz", "chunk_0000004_0000008.npz",
-                                      "chunk_0000008_0000010.npz"]
+  assert [p.name for p in chunks] == ["chunk_0000000_0000005.npz", "chunk_0000005_0000010.npz",
+                                      "chunk_0000010_0000012.npz"]
   drawn = np.concatenate([np.load(p)["arr_0"] for p in chunks])
   config = eval_config(root, inception_weights)
   built = state_lib.build(config)
   mesh = parallel.make_mesh()
   params, _ = evaluate.restore_ema_params(config, str(workdir), model=built.model, tx=built.tx, mesh=mesh)
   alone = sampling.generate(evaluate._make_eval_sampler(config, built, mesh), params,
-                            key=evaluate._sample_key(config), num_samples=10, batch_size=2, mesh=mesh)
+                            key=evaluate._sample_key(config), num_samples=12, batch_size=2, mesh=mesh)
   np.testing.assert_array_equal(drawn, alone)
+  # FID and IS recomputed from scratch: Inception outputs of those samples and of the first 4 digits.
+  from ddpm_jax.metrics import inception  # pylint: disable=g-import-not-at-top
+  features = inception.make_feature_fn(inception.load_params(inception_weights), resize="tf", batch_size=4)
+  pool3, logits = features(drawn)
+  reference, _ = features(next(data.eval_batches(config.data, split="train", batch_size=4, num_examples=4)))
+  expected = low_rank_frechet_distance(pool3.mean(0), np.cov(pool3, rowvar=False), reference.mean(0),
+                                      np.cov(reference, rowvar=False))
+  assert r["fid"]["train"] == pytest.approx(expected, rel=1e-6)
+  assert r["inception_score"]["mean"] == pytest.approx(fid_lib.inception_score(logits, 10)[0], rel=1e-9)
 
 
 def test_fid_killed_after_its_first_chunk_keeps_it_and_ends_as_an_uninterrupted_run(fid_run, trained, root,
-                                                                                    inception_weights):
+                                                                                    inception_weights, fast_fid):
   """SIGKILL when the first chunk appears; chunks the killed run finished after it are removed, so the
   state is exactly 'killed after chunk 0' whatever the timing. The rerun must keep chunk 0 byte for byte
   (same mtime) and end with the chunks and numbers of the uninterrupted run."""
   config = eval_config(root, inception_weights)
   workdir = copy_of(trained, root / "fid_killed")
   folder = workdir / "eval" / "fid_4_ancestral10_seed0"
-  first = folder / "chunk_0000000_0000004.npz"
+  first = folder / "chunk_0000000_0000005.npz"
   proc = subprocess.Popen([sys.executable, "-m", "ddpm_jax.main", *cli_flags(config), f"--workdir={workdir}",
                            "--mode=fid"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 300
@@ -219,7 +257,7 @@ def test_fid_killed_after_its_first_chunk_keeps_it_and_ends_as_an_uninterrupted_
   for path in folder.iterdir():
     if path.name.startswith("chunk_") and path != first:
       path.unlink()
-  (folder / "chunk_0000004_0000008.npz.tmp").write_bytes(b"half a file")  # a write the kill cut short
+  (folder / "chunk_0000005_0000010.npz.tmp").write_bytes(b"half a file")  # a write the kill cut short
   kept = (first.read_bytes(), os.stat(first).st_mtime_ns, os.stat(first).st_ino)
 
   resumed = load_json(evaluate.evaluate_fid(config, str(workdir)))
@@ -231,6 +269,23 @@ def test_fid_killed_after_its_first_chunk_keeps_it_and_ends_as_an_uninterrupted_
     np.testing.assert_array_equal(np.load(a)["arr_0"], np.load(b)["arr_0"])
   plain = load_json(fid_run[1])
   assert resumed["fid"] == plain["fid"] and resumed["inception_score"] == plain["inception_score"]
+
+
+def test_cached_reference_statistics_of_another_convention_are_refused(tmp_path, inception_weights):
+  """A stats file at the cache path whose recorded convention differs (here: pytorch-fid's resize) is an
+  error naming the key, never used silently."""
+  config = eval_config(tmp_path, inception_weights)
+  evaluator = evaluate.Evaluator(config, str(tmp_path / "w"))
+  params, _ = evaluator._load_inception()
+  meta = {"dataset": "digits", "split": "train", "count": 4, "image_size": 8, "num_channels": 1,
+          "weights_hash": params.weights_hash, "resize": "pytorch"}
+  path = tmp_path / "fid_stats" / f"digits_train_8px_n4_tf_{params.weights_hash}.npz"
+  fid_lib.save_stats(str(path), fid_lib.Stats(np.zeros(2048), np.eye(2048), 4, meta))
+  with pytest.raises(ConfigError, match="resize = 'pytorch' \\(needed: 'tf'\\)"):
+    evaluator.reference_stats("train")
+  fid_lib.save_stats(str(path), fid_lib.Stats(np.zeros(2048), np.eye(2048), 4, dict(meta, resize="tf")))
+  stats, cached = evaluator.reference_stats("train")
+  assert cached == str(path) and stats.count == 4
 
 
 # ----------------------------------------------------------------------------- the evaluation worker
