@@ -277,6 +277,19 @@ def _bpd_summary(parts: list[dict], *, settings: dict) -> dict:
   }
 
 
+def _inception_score_record(logits) -> dict:
+  """{"inception_score": {mean, std, splits}} of IS logits, or None and a note saying why not."""
+  from ddpm_jax.metrics import fid as fid_lib  # pylint: disable=g-import-not-at-top
+  if logits is None:
+    return {"inception_score": None, "inception_score_note": "unavailable: the Inception weights have no "
+            "classifier (pool3 only); convert a file with logits (pytorch-fid / torch-fidelity .pth)"}
+  if len(logits) < IS_SPLITS:
+    return {"inception_score": None,
+            "inception_score_note": f"unavailable: fewer samples ({len(logits)}) than splits ({IS_SPLITS})"}
+  mean, std = fid_lib.inception_score(logits, IS_SPLITS)
+  return {"inception_score": {"mean": mean, "std": std, "splits": IS_SPLITS}}
+
+
 class Evaluator:
   """One model and device mesh; compiles each evaluation once and runs it on any checkpoint's EMA params."""
 
@@ -506,22 +519,26 @@ class Evaluator:
     if todo:
       if self._sample_fn is None:
         self._sample_fn = _make_eval_sampler(self.config, self.built, self.mesh)
-      key = _sample_key(self.config)
       with tqdm.tqdm(total=todo, unit="img", desc="sampling", disable=jax.process_index() != 0) as bar:
         for (first, end), path, draw in zip(ranges, paths, missing):
-          if not draw:
-            continue
-          chunk = []
-          for start in range(first, end, c.batch_size):
-            ids = sampling.sample_ids(start, c.batch_size, self.mesh)
-            chunk.append(parallel.to_host(self._sample_fn(params, key, ids))[:end - start])
-            bar.update(len(chunk[-1]))
-          if jax.process_index() == 0:
-            _save_npz(path, arr_0=np.concatenate(chunk), first_id=np.array(first))
+          if draw:
+            chunk = self._draw(params, first, end, progress=bar.update)
+            if jax.process_index() == 0:
+              _save_npz(path, arr_0=chunk, first_id=np.array(first))
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices("fid sample chunks written")
     return out, paths
+
+  def _draw(self, params, first: int, end: int, *, progress) -> np.ndarray:
+    """Samples first .. end-1 (uint8 NHWC), in batches of config.sampling.batch_size (the last one cut)."""
+    batch_size, key = self.config.sampling.batch_size, _sample_key(self.config)
+    out = []
+    for start in range(first, end, batch_size):
+      ids = sampling.sample_ids(start, batch_size, self.mesh)
+      out.append(parallel.to_host(self._sample_fn(params, key, ids))[:end - start])
+      progress(len(out[-1]))
+    return np.concatenate(out)
 
   def fid(self, params, step: int) -> str:
     """Writes eval/fid_<step>_<sampler>.json (FID vs each reference split, IS), a grid and TensorBoard scalars."""
@@ -560,15 +577,7 @@ class Evaluator:
                       for split, (ref, path) in references.items()},
         "samples_dir": os.path.relpath(samples_dir, self.eval_dir),
     }
-    if logits is None:
-      result.update(inception_score=None, inception_score_note="unavailable: the Inception weights have no "
-                    "classifier (pool3 only); convert a file with logits (pytorch-fid / torch-fidelity .pth)")
-    elif len(logits) < IS_SPLITS:
-      result.update(inception_score=None,
-                    inception_score_note=f"unavailable: fewer samples ({len(logits)}) than splits ({IS_SPLITS})")
-    else:
-      mean, std = fid_lib.inception_score(logits, IS_SPLITS)
-      result["inception_score"] = {"mean": mean, "std": std, "splits": IS_SPLITS}
+    result.update(_inception_score_record(logits))
     result["settings"] = {k: result[k] for k in ("step", "num_samples", "sampler", "seed", "clip_denoised")}
     result["settings"].update(weights_hash=inception_params.weights_hash, resize=ev.fid_resize,
                               reference={s: r["path"] for s, r in result["reference"].items()})
