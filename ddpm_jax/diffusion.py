@@ -279,6 +279,14 @@ def split_model_output(d: Diffusion, model_output, x_shape):
   return model_output, None
 
 
+def _model_variance(d: Diffusion, log_variance, t, x_shape):
+  """The variance reported beside the log-variance. For fixedsmall it is the posterior variance itself,
+  0 at t = 0 where the log-variance is clipped (the official values); elsewhere exp(log-variance)."""
+  if d.var_type == "fixedsmall":
+    return jnp.broadcast_to(extract(d.posterior_variance, t, x_shape), x_shape)
+  return jnp.exp(log_variance)
+
+
 def _model_log_variance(d: Diffusion, var_output, t, x_shape):
   if d.var_type == "learned":
     return var_output
@@ -306,7 +314,7 @@ def p_mean_variance(d: Diffusion, model_output, x_t, t, *, clip_denoised: bool) 
     else:
       pred_xstart = maybe_clip(predict_xstart_from_eps(d, x_t, t, mean_output))
     mean, _, _ = q_posterior_mean_variance(d, pred_xstart, x_t, t)
-  return PMeanVariance(mean, jnp.exp(log_variance), log_variance, pred_xstart)
+  return PMeanVariance(mean, _model_variance(d, log_variance, t, x_t.shape), log_variance, pred_xstart)
 
 
 def p_sample(d: Diffusion, model_output, x_t, t, *, key=None, noise=None, clip_denoised: bool = True):

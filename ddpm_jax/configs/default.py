@@ -85,11 +85,24 @@ def get_config():
   interpolation.image2 = ""
 
   config.evaluation = evaluation = ml_collections.ConfigDict()
+  evaluation.checkpoint_step = -1  # which checkpoint --mode=bpd / fid evaluate; -1: newest
+  # --mode=bpd: the NLL bound (Table 2) over the first num_examples images of this split, EMA params
   evaluation.split = "test"
-  evaluation.batch_size = 128
-  evaluation.num_examples = 10_000
+  evaluation.num_examples = 10_000  # CIFAR10 test: the whole split
+  evaluation.batch_size = 128  # global; also the Inception network's batch
+  evaluation.clip_denoised = True  # clip the predicted x0 to [-1, 1] inside the bound (the official eval does)
+  # --mode=fid: samples (drawn with config.sampling's batch size and clip_denoised) vs reference statistics
   evaluation.num_fid_samples = 50_000
-  evaluation.clip_denoised = True
+  evaluation.sample_chunk_size = 1000  # samples per resumable .npz chunk under WORKDIR/eval
+  evaluation.inception_weights = ""  # this project's Inception .npz (python -m ddpm_jax.metrics.convert_inception)
+  evaluation.fid_resize = "tf"  # tf: the TF graph's bilinear resize (the paper's FIDs); pytorch: pytorch-fid's
+  evaluation.fid_reference_splits = ("train", "test")  # FID vs each (paper: 3.17 vs train, 5.24 vs test)
+  evaluation.num_fid_reference = 0  # first N images of each reference split; 0: the whole split (paper)
+  evaluation.stats_dir = ""  # cache of reference statistics; "": fid_stats/ beside WORKDIR
+  # --mode=evaluate_watch: evaluate every new checkpoint of a training workdir once
+  evaluation.watch_modes = ("bpd", "fid")
+  evaluation.watch_poll_secs = 60
+  evaluation.watch_timeout_secs = 0  # stop after this long without a new checkpoint; 0: at training.num_steps
 
   config.distributed = distributed = ml_collections.ConfigDict()
   # "auto": initialise jax.distributed when the environment is a TPU pod or a SLURM job.
@@ -112,4 +125,9 @@ def set_256_model(config):
   config.training.learning_rate = 2e-5
   config.sampling.batch_size = 128
   config.evaluation.batch_size = 64
+  config.evaluation.split = "train"  # TFDS has no test split for CelebA-HQ and the LSUN categories
+  config.evaluation.num_examples = 1000  # the paper reports no 256x256 bits/dim; 1000 images is an estimate
+  config.evaluation.sample_chunk_size = 250  # 49 MB per chunk
+  config.evaluation.fid_reference_splits = ("train",)
+  config.evaluation.num_fid_reference = 50_000  # LSUN splits have 126k-3M images
   return config

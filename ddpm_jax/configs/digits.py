@@ -38,4 +38,7 @@ def get_config():
   config.evaluation.split = "train"
   config.evaluation.batch_size = 100
   config.evaluation.num_examples = 500
+  config.evaluation.num_fid_samples = 1000
+  config.evaluation.sample_chunk_size = 500
+  config.evaluation.fid_reference_splits = ("train",)  # the digits' train and test splits are the same images
   return config
