@@ -57,12 +57,17 @@ def checkpoint_steps(workdir: str) -> list[int]:
 def _make_eval_sampler(config, built, mesh):
   """The sampler FID draws with (the one place that chooses it): uint8 samples of global ids."""
   return sampling.make_sampler(built.model, built.diffusion, mesh, image_shape=state_lib.image_shape(config),
-                               clip_denoised=config.sampling.clip_denoised)
+                               clip_denoised=config.sampling.clip_denoised,
+                               **sampling.sampler_options(config.sampling, built.diffusion.num_timesteps))
 
 
 def _sampler_record(config) -> dict:
-  """What result files record about the sampler (and what names sample folders)."""
-  return {"method": "ancestral", "num_steps": int(config.diffusion.num_timesteps)}
+  """What result files record about the sampler (and what names sample folders): method, steps, and the
+  spacing (when not every step is kept) and eta (DDIM) that change the samples."""
+  record = sampling.describe(config.sampling, int(config.diffusion.num_timesteps))
+  if record["num_steps"] == int(config.diffusion.num_timesteps):
+    record.pop("spacing")  # every step kept: the spacing is moot
+  return {k: v for k, v in record.items() if v is not None}
 
 
 def _sampler_tag(record: dict) -> str:

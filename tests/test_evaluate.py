@@ -369,3 +369,14 @@ def test_parts_computed_with_other_settings_are_refused(tmp_path):
   evaluate._check_parts_dir(str(tmp_path / "p"), {"seed": 0}, what="samples")
   with pytest.raises(ConfigError, match="seed: 0 there, 1 now"):
     evaluate._check_parts_dir(str(tmp_path / "p"), {"seed": 1}, what="samples")
+
+
+def test_result_files_record_the_sampler_and_name_their_folders_by_it():
+  config = tiny_config()  # T = 10
+  assert evaluate._sampler_record(config) == {"method": "ancestral", "num_steps": 10}
+  config.sampling.method, config.sampling.num_steps, config.sampling.eta = "ddim", 5, 0.0
+  record = evaluate._sampler_record(config)
+  assert record == {"method": "ddim", "num_steps": 5, "spacing": "uniform", "eta": 0.0}
+  assert evaluate._sampler_tag(record) == "ddim5_eta0.0_spacinguniform"
+  config.sampling.method = "ancestral"
+  assert evaluate._sampler_tag(evaluate._sampler_record(config)) == "ancestral5_spacinguniform"
