@@ -3,34 +3,228 @@
 Each checkpoint holds three items: `state` (step, params, EMA params, optimizer state, key),
 `data` (the Grain iterator position of every process) and `config` (the resolved config
 as JSON), so training resumes exactly and evaluation needs nothing but the checkpoint.
+
+Once orbax has committed a step, the size and SHA-256 of each of its files go into DIGEST_FILE in
+the step folder; restoring checks them, so a truncated or altered checkpoint is found before use.
+File-system failures while writing (full disk, lost permission, a vanished folder) become one
+OSError sentence; orbax writes each step in a new folder, so earlier checkpoints stay intact.
 """
 
+import contextlib
+import hashlib
 import json
 import os
+import re
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
 from grain import checkpoint as grain_checkpoint
 
 from ddpm_jax.errors import CheckpointError
 
 # Sections whose change makes a checkpoint a different model (data.* shapes included).
 MODEL_KEYS = ("model", "diffusion", "data.image_size", "data.num_channels")
+# In each step folder: the size and SHA-256 of every other file, written once orbax has committed the step.
+DIGEST_FILE = "ddpm_jax_digests.json"
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
 
 
 def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
-def make_manager(workdir: str, *, keep: int, read_only: bool = False) -> ocp.CheckpointManager:
+def corrupt_dir(workdir: str) -> str:
+  """Where training moves corrupt checkpoints newer than the one it resumes from (never deleted)."""
+  return os.path.join(os.path.abspath(workdir), "corrupt_checkpoints")
+
+
+# ----------------------------------------------------------------------------- integrity
+
+
+def _step_dir(manager, step: int) -> str:
+  return os.path.join(str(manager.directory), str(step))
+
+
+def _files(directory: str):
+  """Paths (relative, sorted) of every file under `directory` but the digest record."""
+  found = []
+  for root, _, names in os.walk(directory):
+    found += [os.path.relpath(os.path.join(root, n), directory) for n in names]
+  return sorted(f for f in found if f != DIGEST_FILE)
+
+
+def _sha256(path: str) -> str:
+  with open(path, "rb") as f:
+    return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def record_digests(directory: str) -> None:
+  """Writes DIGEST_FILE (size and SHA-256 of every file) into a committed checkpoint folder."""
+  digests = {f: dict(size=os.path.getsize(os.path.join(directory, f)), sha256=_sha256(os.path.join(directory, f)))
+             for f in _files(directory)}
+  path = os.path.join(directory, DIGEST_FILE)
+  with open(path + ".tmp", "w") as f:
+    json.dump(dict(files=digests), f, indent=1, sort_keys=True)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(path + ".tmp", path)  # a reader sees the whole record or none
+
+
+def find_damage(directory: str) -> str | None:
+  """What is wrong with a checkpoint folder compared with its digest record (None: intact).
+
+  Raises FileNotFoundError when the folder has no record (written by a run that stopped first).
+  """
+  try:
+    with open(os.path.join(directory, DIGEST_FILE)) as f:
+      expected = json.load(f)["files"]
+  except (ValueError, KeyError, TypeError):
+    return f"its digest record {DIGEST_FILE} is unreadable"
+  for name, want in sorted(expected.items()):
+    path = os.path.join(directory, name)
+    if not os.path.isfile(path):
+      return f"{name} is missing"
+    size = os.path.getsize(path)
+    if size != want["size"]:
+      return f"{name} has {size:,} bytes instead of {want['size']:,} (cut short or overwritten)"
+    if _sha256(path) != want["sha256"]:
+      return f"the contents of {name} changed after it was written (SHA-256 mismatch)"
+  return None
+
+
+# ----------------------------------------------------------------------------- storage failures
+
+
+def _os_reason(error: BaseException) -> str | None:
+  """The operating system's reason behind an exception (e.g. 'No space left on device'), or None."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno:
+      return error.strerror or str(error)
+    match = _OS_ERROR_CODE.search(str(error))
+    if match:  # TensorStore reports file errors as ValueError('... [os_error_code=28]')
+      return os.strerror(int(match.group(1)))
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def _innermost(error: BaseException) -> str:
+  """'Type: first line' of the deepest cause (orbax wraps TensorStore's precise message)."""
+  seen = set()
+  while (error.__cause__ or error.__context__) is not None and id(error) not in seen:
+    seen.add(id(error))
+    error = error.__cause__ or error.__context__
+  lines = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {lines[0][:300] if lines else ''}".rstrip(": ")
+
+
+@contextlib.contextmanager
+def _storage_errors(what: str, manager):
+  """Turns a file-system failure inside orbax into one OSError sentence; anything else stays a bug."""
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except
+    reason = _os_reason(e)
+    if reason is None:
+      raise
+    raise OSError(f"Could not {what} in {manager.directory}: {reason}; {_earlier(manager)}.") from None
+
+
+def _identity(directory: str):
+  """(device, inode) of a folder, or None when it does not exist: tells a folder from its replacement."""
+  try:
+    info = os.stat(directory)
+  except FileNotFoundError:
+    return None
+  return info.st_dev, info.st_ino
+
+
+def _earlier(manager) -> str:
+  """What a failed write left behind: orbax writes each step in a new folder and removes old ones only after."""
+  if manager.vanished():
+    return "that folder was removed or replaced during the run"
+  steps = [s for s in sorted(manager.all_steps()) if os.path.isdir(_step_dir(manager, s))]
+  if not steps:
+    return "there is no earlier checkpoint"
+  return f"the earlier checkpoints (step{'s' * (len(steps) > 1)} {', '.join(map(str, steps))}) were not touched"
+
+
+class Manager(ocp.CheckpointManager):
+  """orbax's async manager, plus: a digest record for each step once its write has committed
+  (the main thread adds it when it next waits or polls), and storage failures as one OSError."""
+
+  def __init__(self, directory: str, *, options: ocp.CheckpointManagerOptions):
+    super().__init__(directory, options=options)
+    self._identity = _identity(directory)
+    self._unsealed = []  # steps this process saved whose digests are not recorded yet
+    self._in_flight = None
+    self._damage = {}  # step -> find_damage verdict, computed once per manager
+
+  def vanished(self) -> bool:
+    """Whether the checkpoint folder was deleted, moved or replaced since this manager opened it."""
+    return _identity(str(self.directory)) != self._identity
+
+  def save(self, step: int, *args, **kwargs) -> bool:
+    self.wait_until_finished()  # orbax would wait here anyway; this also records the previous digests
+    if self.vanished():  # orbax would create it again and carry on writing into an empty run
+      raise OSError(f"Could not write the checkpoint of step {step}: {self.directory} was removed or replaced "
+                    "during the run; restore it (or start again with a new --workdir).")
+    self._in_flight = step
+    with _storage_errors(f"start writing the checkpoint of step {step}", self):
+      saved = super().save(step, *args, **kwargs)
+    if saved:
+      self._unsealed.append(step)
+    return saved
+
+  def wait_until_finished(self):
+    with _storage_errors(f"write the checkpoint of step {self._in_flight}", self):
+      super().wait_until_finished()
+    self._record_finished()
+
+  def seal_finished(self) -> None:
+    """Records the digests of a save that has finished in the background (cheap when none has)."""
+    if self._unsealed and not self.is_saving_in_progress():
+      self.wait_until_finished()
+
+  def _record_finished(self):
+    steps, self._unsealed = self._unsealed, []
+    if jax.process_index() != 0:
+      return
+    for step in steps:
+      directory = _step_dir(self, step)
+      if not os.path.isdir(directory):  # keep_checkpoints never removes the newest step at once
+        raise OSError(f"Could not write the checkpoint of step {step} in {self.directory}: orbax did not commit "
+                      f"it (--verbose shows its report); {_earlier(self)}.")
+      with _storage_errors(f"record the digests of the checkpoint of step {step}", self):
+        record_digests(directory)
+      self.forget(step)
+
+  def forget(self, step: int) -> None:
+    """Drops the cached verdict of a step whose folder was just written or moved."""
+    self._damage.pop(step, None)
+
+  def damage(self, step: int) -> str | None:
+    """find_damage of a step (cached); FileNotFoundError when it has no digest record."""
+    if step not in self._damage:
+      self._damage[step] = find_damage(_step_dir(self, step))
+    return self._damage[step]
+
+
+def make_manager(workdir: str, *, keep: int, read_only: bool = False) -> Manager:
   """An async manager keeping the newest `keep` checkpoints."""
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
-                                         enable_async_checkpointing=not read_only)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+  # Step folders are created in the calling thread: created in the background, a refused mkdir leaves
+  # the save waiting minutes for a signal that never comes.
+  options = ocp.CheckpointManagerOptions(max_to_keep=None if read_only else keep, create=not read_only,
+                                         read_only=read_only, enable_async_checkpointing=not read_only,
+                                         save_interval_steps=0 if read_only else 1,
+                                         async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
+  return Manager(checkpoint_dir(workdir), options=options)
 
 
-def save(manager: ocp.CheckpointManager, *, state, data_iterator, config, force: bool = False) -> None:
+def save(manager: Manager, *, state, data_iterator, config, force: bool = False) -> None:
   """Starts writing a checkpoint of `state` at its step (returns before the write ends)."""
   step = int(jax.device_get(state.step))
   items = dict(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config.to_dict()))
@@ -39,28 +233,112 @@ def save(manager: ocp.CheckpointManager, *, state, data_iterator, config, force:
   manager.save(step, args=ocp.args.Composite(**items), force=force)
 
 
-def restore(manager: ocp.CheckpointManager, *, abstract_state, data_iterator=None, step: int | None = None):
-  """The train state (and iterator position) of `step`, or of the newest checkpoint."""
-  step = manager.latest_step() if step is None else step
+def _restore_one(manager: Manager, step: int, *, abstract_state, data_iterator):
+  """The state of `step`; CheckpointError naming the step and the damage when it is corrupt."""
+  where = f"The checkpoint of step {step} in {manager.directory}"
+  try:
+    damage, recorded = manager.damage(step), True
+  except FileNotFoundError:  # written by a run that stopped before recording it: orbax decides below
+    damage, recorded = None, False
+  if damage:
+    raise CheckpointError(f"{where} is corrupt: {damage}.")
   items = dict(state=ocp.args.StandardRestore(abstract_state))
   # An imported checkpoint (ddpm_jax.convert) holds no iterator position: the data order then starts afresh.
   if data_iterator is not None and "data" in manager.item_metadata(step).keys():
     items["data"] = grain_checkpoint.CheckpointRestore(data_iterator)
-  return manager.restore(step, args=ocp.args.Composite(**items)).state
+  if recorded:  # verified: a failure now is a bug, not damage
+    return manager.restore(step, args=ocp.args.Composite(**items)).state
+  logging.warning("%s has no digest record (the run stopped before writing it), so only orbax can tell "
+                  "whether it is intact.", where)
+  try:
+    return manager.restore(step, args=ocp.args.Composite(**items)).state
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(f"{where} cannot be read ({_innermost(e)}).") from e
 
 
-def resolve_step(manager: ocp.CheckpointManager, workdir: str, step: int = -1) -> int:
-  """The newest step (step = -1) or the named one; a clear error when there is none."""
+def _set_aside(manager: Manager, step: int, workdir: str) -> str:
+  """Moves a corrupt step folder out of orbax's sight (training would write that step again)."""
+  target = os.path.join(corrupt_dir(workdir), str(step))
+  if jax.process_index() == 0:
+    os.makedirs(corrupt_dir(workdir), exist_ok=True)
+    i = 0
+    while os.path.exists(target):
+      i += 1
+      target = os.path.join(corrupt_dir(workdir), f"{step}_{i}")
+    os.rename(_step_dir(manager, step), target)
+  manager.forget(step)
+  return target
+
+
+def restore(manager: Manager, *, abstract_state, data_iterator=None, step: int | None = None,
+            set_aside_corrupt: bool = False):
+  """The train state (and iterator position) of `step`, or of the newest intact checkpoint.
+
+  A named step that is corrupt is a CheckpointError. Without a step, corrupt checkpoints are skipped
+  with a warning that names each and says why; with set_aside_corrupt (training) each skipped one is
+  moved to WORKDIR/corrupt_checkpoints/ so that training can write its step again. Nothing is deleted.
+  """
+  if step is not None:
+    return _restore_one(manager, step, abstract_state=abstract_state, data_iterator=data_iterator)
+  workdir = os.path.dirname(str(manager.directory))
+  skipped = []
+  for candidate in sorted(manager.all_steps(), reverse=True):
+    try:
+      state = _restore_one(manager, candidate, abstract_state=abstract_state, data_iterator=data_iterator)
+    except CheckpointError as e:
+      skipped.append(str(e))
+      note = ""
+      if set_aside_corrupt:
+        note = f" Moved it to {_set_aside(manager, candidate, workdir)} (kept, not deleted)."
+      logging.warning("Skipping a checkpoint: %s%s", e, note)
+      continue
+    if set_aside_corrupt and skipped:
+      _sync_processes("ddpm_jax_set_aside")
+      manager.reload()
+    return state
+  raise CheckpointError(f"No intact checkpoint in {manager.directory}: {' '.join(skipped)} Move the folder "
+                        "away to start from scratch, or restore it from a copy.")
+
+
+def _sync_processes(name: str):
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+def resolve_step(manager: Manager, workdir: str, step: int = -1) -> int:
+  """The newest intact step (step = -1) or the named one; a clear error when there is none or it is corrupt."""
   steps = manager.all_steps()
   if not steps:
     raise CheckpointError(f"No checkpoint found in {checkpoint_dir(workdir)}: train first "
                           f"(--mode=train --workdir={workdir}) or point --workdir at a run with checkpoints.")
-  if step < 0:
-    return max(steps)
-  if step not in steps:
+  if step >= 0 and step not in steps:
     raise CheckpointError(f"No checkpoint for step {step} in {checkpoint_dir(workdir)}; "
                           f"available steps: {sorted(steps)}.")
-  return step
+  candidates = [step] if step >= 0 else sorted(steps, reverse=True)
+  for candidate in candidates:
+    try:
+      damage = manager.damage(candidate)
+    except FileNotFoundError:
+      damage = None  # unrecorded: restore() lets orbax decide
+    if not damage:
+      return candidate
+    where = f"The checkpoint of step {candidate} in {checkpoint_dir(workdir)} is corrupt: {damage}"
+    if step >= 0:
+      others = [s for s in sorted(steps) if s != step]
+      raise CheckpointError(f"{where}; choose another step{' (' + ', '.join(map(str, others)) + ')' if others else ''}.")
+    logging.warning("%s; using an older one.", where)
+  raise CheckpointError(f"No intact checkpoint in {checkpoint_dir(workdir)}: every one is corrupt "
+                        "(see the warnings above).")
+
+
+def newest_on_disk(manager: Manager) -> str:
+  """A sentence naming the newest committed checkpoint (after any write in flight has finished)."""
+  manager.wait_until_finished()
+  step = manager.latest_step()
+  if step is None:
+    return f"There is no checkpoint in {manager.directory} yet."
+  return f"The newest checkpoint on disk is step {step} ({_step_dir(manager, step)})."
 
 
 def _get(config_dict, dotted):
@@ -105,4 +383,8 @@ def read_config(workdir: str) -> dict | None:
   if not os.path.exists(path):
     return None
   with open(path) as f:
-    return json.load(f)
+    try:
+      return json.load(f)
+    except ValueError as e:
+      raise CheckpointError(f"{path} is not valid JSON ({e}); restore it from the newest checkpoint's "
+                            "config item or a copy.") from None

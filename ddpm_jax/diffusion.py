@@ -71,7 +71,7 @@ def _check_betas(betas, name):
   if bad.any():
     i = int(np.argmax(bad))
     raise ConfigError(
-        f"Beta schedule {name!r} gives beta[{i}] = {betas[i]!r}; every beta must lie in (0, 1] "
+        f"Beta schedule {name!r} gives beta[{i}] = {float(betas[i])!r}; every beta must lie in (0, 1] "
         "(check beta_start and beta_end).")
 
 
@@ -122,8 +122,8 @@ def _check_choice(kind, value, allowed):
     raise ConfigError(f"Unknown {kind} {value!r}; expected one of {', '.join(allowed)}.")
 
 
-def make_diffusion(betas, *, mean_type="eps", var_type="fixedlarge", loss_type="mse", hybrid_lambda=0.001):
-  """Precomputes every schedule quantity in float64 from `betas` and stores it as float32."""
+def check_types(*, mean_type: str, var_type: str, loss_type: str) -> None:
+  """ConfigError for an unknown mean/variance/loss type or a loss that cannot train the variance type."""
   _check_choice("mean type", mean_type, MEAN_TYPES)
   _check_choice("variance type", var_type, VAR_TYPES)
   _check_choice("loss type", loss_type, LOSS_TYPES)
@@ -134,6 +134,11 @@ def make_diffusion(betas, *, mean_type="eps", var_type="fixedlarge", loss_type="
   if loss_type == "hybrid" and not learned:
     raise ConfigError(f"Loss type 'hybrid' needs a learned variance ('learned' or 'learned_range'), "
                      f"got variance type {var_type!r}.")
+
+
+def make_diffusion(betas, *, mean_type="eps", var_type="fixedlarge", loss_type="mse", hybrid_lambda=0.001):
+  """Precomputes every schedule quantity in float64 from `betas` and stores it as float32."""
+  check_types(mean_type=mean_type, var_type=var_type, loss_type=loss_type)
   betas = np.asarray(betas, dtype=np.float64)
   if betas.ndim != 1 or betas.shape[0] < 1:
     raise ConfigError(f"betas must be a 1-D array with T >= 1 entries, got shape {betas.shape}.")

@@ -1,10 +1,10 @@
 """Entry point: `python -m ddpm_jax.main --config=configs/cifar10.py --workdir=DIR [--mode=train|sample|bpd|fid|...]`.
 
 `--config.training.batch_size=64`-style flags override any key of the config file. Every user
-mistake ends the program with one sentence on stderr and exit status 1.
+mistake ends the program with one sentence on stderr and exit status 1. TensorFlow's start-up
+lines and orbax's background-thread reports are shown only with --verbose.
 """
 
-import logging as std_logging
 import os
 import sys
 
@@ -17,8 +17,10 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from ddpm_jax import console
 from ddpm_jax import data
 from ddpm_jax import parallel
+from ddpm_jax import validation
 from ddpm_jax.errors import ConfigError
 
 FLAGS = flags.FLAGS
@@ -30,6 +32,10 @@ flags.DEFINE_enum("mode", "train", list(MODES),
                   "interpolations (Figures 8, 9); bpd: the NLL bound in bits/dim; fid: FID and Inception Score "
                   "of samples; evaluate_watch: evaluate every new checkpoint of a training run once.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+flags.DEFINE_bool("verbose", False, "Also show TensorFlow/XLA start-up lines and orbax's background reports.")
+FLAGS["config"].parser = console.checked_config_parser(FLAGS["config"].parser)  # import errors as one sentence
+
 
 USER_ERRORS = (ConfigError, OSError)  # bad config values, bad paths, full disks; anything else is a bug
 
@@ -59,11 +65,11 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   if not FLAGS.workdir.strip():
     raise app.UsageError("--workdir must not be empty.")
+  console.quiet_background(FLAGS.verbose)
   data.hide_accelerators_from_tensorflow()
-  # orbax reports every save at INFO; keep its warnings, drop the chatter from the training log.
-  logging.get_absl_handler().addFilter(lambda r: r.levelno >= std_logging.WARNING or "/orbax/" not in r.pathname)
   from ddpm_jax import train  # pylint: disable=g-import-not-at-top
   try:
+    validation.validate(FLAGS.config, mode=FLAGS.mode)  # every key, before any device or file is touched
     parallel.maybe_initialize_distributed(FLAGS.config.distributed)
     if jax.process_index() > 0:  # one log for the whole job: process 0's
       logging.set_verbosity(logging.WARNING)
@@ -82,6 +88,8 @@ def parse_flags(argv):
     return FLAGS(argv)
   except flags.Error as e:
     print(f"FATAL Flags parsing error: {e}", file=sys.stderr)
+  except console.ConfigFileError as e:
+    print(f"ddpm_jax: error: {e}", file=sys.stderr)
   except (KeyError, AttributeError) as e:
     print(f"ddpm_jax: error: unknown config key in the command line overrides: {e}", file=sys.stderr)
   sys.exit(1)

@@ -22,7 +22,7 @@ from ddpm_jax import images
 from ddpm_jax import parallel
 from ddpm_jax import sampling
 from ddpm_jax import state as state_lib
-from ddpm_jax.errors import ConfigError
+from ddpm_jax import validation
 from ddpm_jax.models import unet
 
 
@@ -121,22 +121,6 @@ def _summary_writer(workdir):
   return tensorboard.SummaryWriter(workdir)
 
 
-def _check_intervals(training_config):
-  c = training_config
-  k = c.steps_per_dispatch
-  if k < 1:
-    raise ConfigError(f"config.training.steps_per_dispatch must be >= 1, got {k}.")
-  for name in ("log_every", "checkpoint_every", "sample_every"):
-    value = c[name]
-    if value < 0 or value % k:
-      raise ConfigError(f"config.training.{name} = {value} must be >= 0 and a multiple of "
-                       f"steps_per_dispatch = {k}.")
-  if c.keep_checkpoints < 1:
-    raise ConfigError(f"config.training.keep_checkpoints must be >= 1, got {c.keep_checkpoints}.")
-  if c.num_steps < 0:
-    raise ConfigError(f"config.training.num_steps must be >= 0, got {c.num_steps}.")
-
-
 def _format_duration(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   h, rem = divmod(seconds, 3600)
@@ -146,8 +130,9 @@ def _format_duration(seconds: float) -> str:
 class _Logger:
   """Collects per-step metrics on device and reports them every log_every steps (stdout + TensorBoard)."""
 
-  def __init__(self, writer, *, num_steps: int, batch_size: int, start_step: int):
+  def __init__(self, writer, *, num_steps: int, batch_size: int, start_step: int, newest_checkpoint=lambda: ""):
     self.writer, self.num_steps, self.batch_size = writer, num_steps, batch_size
+    self.newest_checkpoint = newest_checkpoint  # () -> a sentence naming the newest checkpoint on disk
     self.pending = []  # (first step, metrics dict of device arrays [k])
     self.last_time, self.last_step = time.time(), start_step
     self.last_loss = None
@@ -164,7 +149,7 @@ class _Logger:
         i = int(np.argmax(bad))
         raise NonFiniteError(
             f"Non-finite loss ({m['loss'][i]}) or gradient norm ({m['grad_norm'][i]}) at step {first + i + 1}; "
-            "stopping without writing a checkpoint, so the newest one on disk is the last good state.")
+            f"stopped without writing a checkpoint. {self.newest_checkpoint()}".strip())
     return fetched
 
   def report(self, step: int):
@@ -206,7 +191,7 @@ def write_sample_grid(workdir, *, sample_fn, params, key, num: int, batch_size: 
 def train_and_evaluate(config, workdir: str):
   """Trains (or resumes) the run in `workdir` to config.training.num_steps. Returns the final state."""
   c = config.training
-  _check_intervals(c)
+  validation.validate(config, mode="train")
   parallel.check_batch_size(c.batch_size, what="config.training.batch_size")
   d, model, tx, lr_fn = state_lib.build(config)
   mesh = parallel.make_mesh()
@@ -221,7 +206,7 @@ def train_and_evaluate(config, workdir: str):
 
   if manager.latest_step() is not None:
     state = checkpoint.restore(manager, abstract_state=state_lib.abstract_state(model, tx, shape=shape, mesh=mesh),
-                               data_iterator=data_iterator)
+                               data_iterator=data_iterator, set_aside_corrupt=True)
     logging.info("Resumed from the checkpoint of step %d in %s.", int(state.step), checkpoint.checkpoint_dir(workdir))
   else:
     state = jax.jit(functools.partial(state_lib.init_state, model, tx, seed=config.seed, shape=shape),
@@ -236,7 +221,8 @@ def train_and_evaluate(config, workdir: str):
   writer = _summary_writer(workdir)
 
   step = int(state.step)
-  logger = _Logger(writer, num_steps=c.num_steps, batch_size=c.batch_size, start_step=step)
+  logger = _Logger(writer, num_steps=c.num_steps, batch_size=c.batch_size, start_step=step,
+                   newest_checkpoint=lambda: checkpoint.newest_on_disk(manager))
   k = c.steps_per_dispatch
   crossed = lambda every, before, after: bool(every) and after // every > before // every
   with _Preemption(install=jax.process_count() == 1) as preemption:
@@ -245,6 +231,7 @@ def train_and_evaluate(config, workdir: str):
       local = np.stack([next(data_iterator) for _ in range(n)])
       state, metrics = train_step(state, parallel.global_batch(local, mesh, batch_axis=1))
       logger.add(step, metrics)
+      manager.seal_finished()  # digests of a checkpoint whose background write has just committed
       step, before = step + n, step
       done = step >= c.num_steps
       # One process alone never decides to stop: multi-host runs use JAX's synchronised preemption notice.

@@ -1,0 +1,192 @@
+"""Checks every config key before anything heavy starts (no JAX device, no dataset, no checkpoint).
+
+`validate(config, mode=...)` raises one ConfigError naming the first bad key and its value. Each
+config section has one small check function in SECTION_CHECKS; a new section adds one. Checks that
+need the devices (a batch divisible by the device count) stay where the devices are known
+(`parallel.check_batch_size`), and checks of files and folders stay with the code that reads them.
+"""
+
+import math
+import numbers
+
+from ddpm_jax import data
+from ddpm_jax import diffusion as dm
+from ddpm_jax.errors import ConfigError
+from ddpm_jax.models import unet
+
+
+def _fail(path: str, value, rule: str):
+  raise ConfigError(f"config.{path} = {value!r} {rule}.")
+
+
+def _int(section, path: str, name: str, *, minimum: int):
+  """An integer (not a bool) >= minimum."""
+  value = section[name]
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+    _fail(f"{path}.{name}", value, f"must be an integer >= {minimum}")
+
+
+def _real(section, path: str, name: str, *, above=None, at_least=None, below=None):
+  """A finite number in the given bounds (above: strict lower, at_least: inclusive lower, below: strict upper)."""
+  value = section[name]
+  ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+  bounds = []
+  if above is not None:
+    ok, bounds = ok and value > above, bounds + [f"> {above}"]
+  if at_least is not None:
+    ok, bounds = ok and value >= at_least, bounds + [f">= {at_least}"]
+  if below is not None:
+    ok, bounds = ok and value < below, bounds + [f"< {below}"]
+  if not ok:
+    _fail(f"{path}.{name}", value, "must be a finite number" + (" " + " and ".join(bounds) if bounds else ""))
+
+
+def _unit_interval(section, path: str, name: str):
+  """A decay rate or momentum: a number in [0, 1)."""
+  value = section[name]
+  if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
+    _fail(f"{path}.{name}", value, "must be in [0, 1)")
+
+
+def _choice(section, path: str, name: str, allowed):
+  value = section[name]
+  if value not in allowed:
+    _fail(f"{path}.{name}", value, "is not one of " + ", ".join(map(repr, allowed)))
+
+
+def _bool(section, path: str, name: str):
+  if not isinstance(section[name], bool):
+    _fail(f"{path}.{name}", section[name], "must be True or False")
+
+
+def _string(section, path: str, name: str, *, empty_ok: bool = True):
+  value = section[name]
+  if not isinstance(value, str) or (not empty_ok and not value):
+    _fail(f"{path}.{name}", value, "must be a non-empty string" if not empty_ok else "must be a string")
+
+
+# ----------------------------------------------------------------------------- one function per section
+
+
+def check_seed(config, mode: str):
+  del mode
+  value = config.seed
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+    _fail("seed", value, "must be an integer >= 0")
+
+
+def check_data(config, mode: str):
+  del mode
+  c, p = config.data, "data"
+  if c.dataset not in ("digits", "image_folder"):
+    try:
+      data._tfds_name(c.dataset)  # pylint: disable=protected-access  (the dataset names live in data.py)
+    except ConfigError:
+      _fail(f"{p}.dataset", c.dataset, "is not a known dataset; known: " + ", ".join(data._KNOWN))  # pylint: disable=protected-access
+  _string(c, p, "split", empty_ok=False)
+  _int(c, p, "image_size", minimum=1)
+  _choice(c, p, "num_channels", (1, 3))
+  _bool(c, p, "random_flip")
+  _string(c, p, "tfds_data_dir")
+  _string(c, p, "image_folder")
+  _int(c, p, "num_workers", minimum=0)
+
+
+def check_diffusion(config, mode: str):
+  del mode
+  c, p = config.diffusion, "diffusion"
+  _choice(c, p, "beta_schedule", dm.BETA_SCHEDULES)
+  _choice(c, p, "mean_type", dm.MEAN_TYPES)
+  _choice(c, p, "var_type", dm.VAR_TYPES)
+  _choice(c, p, "loss_type", dm.LOSS_TYPES)
+  _int(c, p, "num_timesteps", minimum=1)
+  _real(c, p, "beta_start", above=0)
+  _real(c, p, "beta_end", above=0)
+  _real(c, p, "hybrid_lambda", at_least=0)
+  try:
+    dm.check_types(mean_type=c.mean_type, var_type=c.var_type, loss_type=c.loss_type)
+  except ConfigError as e:
+    raise ConfigError(f"config.diffusion: {e}") from None
+  try:
+    dm.get_beta_schedule(c.beta_schedule, beta_start=c.beta_start, beta_end=c.beta_end,
+                         num_timesteps=c.num_timesteps)  # NumPy only: every beta in (0, 1]
+  except ConfigError as e:
+    raise ConfigError(f"config.diffusion.beta_start = {c.beta_start!r}, beta_end = {c.beta_end!r}: {e}") from None
+
+
+def check_model(config, mode: str):
+  """The U-Net's own checks (levels, channels vs GroupNorm, image size, attention resolutions)."""
+  del mode
+  _bool(config.model, "model", "resamp_with_conv")
+  unet.create_model(config.model, image_size=config.data.image_size, num_channels=config.data.num_channels,
+                    learned_variance=config.diffusion.var_type in dm.LEARNED_VAR_TYPES)
+
+
+def check_training(config, mode: str):
+  del mode
+  c, p = config.training, "training"
+  _int(c, p, "batch_size", minimum=1)
+  _int(c, p, "num_steps", minimum=0)
+  _real(c, p, "learning_rate", above=0)
+  _int(c, p, "warmup_steps", minimum=0)
+  _unit_interval(c, p, "adam_b1")
+  _unit_interval(c, p, "adam_b2")
+  _real(c, p, "adam_eps", above=0)
+  _real(c, p, "grad_clip", above=0)
+  _unit_interval(c, p, "ema_decay")
+  _int(c, p, "steps_per_dispatch", minimum=1)
+  for name in ("log_every", "checkpoint_every", "sample_every"):
+    _int(c, p, name, minimum=0)
+    if c[name] % c.steps_per_dispatch:
+      _fail(f"{p}.{name}", c[name], f"must be a multiple of training.steps_per_dispatch = {c.steps_per_dispatch}")
+  _int(c, p, "num_grid_samples", minimum=0)
+  _int(c, p, "keep_checkpoints", minimum=1)
+
+
+def check_sampling(config, mode: str):
+  c, p = config.sampling, "sampling"
+  _int(c, p, "batch_size", minimum=1)
+  _int(c, p, "num_samples", minimum=1 if mode == "sample" else 0)
+  _bool(c, p, "clip_denoised")
+  _int(c, p, "progressive_every", minimum=0)
+  _int(c, p, "num_progressive", minimum=0)
+  _int(c, p, "checkpoint_step", minimum=-1)
+
+
+def check_evaluation(config, mode: str):
+  del mode
+  c, p = config.evaluation, "evaluation"
+  _string(c, p, "split", empty_ok=False)
+  _int(c, p, "batch_size", minimum=1)
+  _int(c, p, "num_examples", minimum=1)
+  _int(c, p, "num_fid_samples", minimum=1)
+  _bool(c, p, "clip_denoised")
+
+
+def check_distributed(config, mode: str):
+  del mode
+  c, p = config.distributed, "distributed"
+  _choice(c, p, "initialize", ("auto", "on", "off"))
+  _string(c, p, "coordinator_address")
+  _int(c, p, "num_processes", minimum=0)
+  _int(c, p, "process_id", minimum=-1)
+
+
+# In order: later checks may rely on earlier sections being valid (the model on data and diffusion).
+SECTION_CHECKS = {
+    "seed": check_seed,
+    "data": check_data,
+    "diffusion": check_diffusion,
+    "model": check_model,
+    "training": check_training,
+    "sampling": check_sampling,
+    "evaluation": check_evaluation,
+    "distributed": check_distributed,
+}
+
+
+def validate(config, *, mode: str) -> None:
+  """Raises ConfigError naming the first key whose value cannot work in `mode`; returns None if all can."""
+  for name, check in SECTION_CHECKS.items():
+    if name in config:
+      check(config, mode)
