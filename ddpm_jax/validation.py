@@ -151,16 +151,39 @@ def check_sampling(config, mode: str):
   _int(c, p, "progressive_every", minimum=0)
   _int(c, p, "num_progressive", minimum=0)
   _int(c, p, "checkpoint_step", minimum=-1)
+  # method, num_steps, spacing and eta (respace/sampling own those rules; NumPy only, no devices)
+  from ddpm_jax import sampling  # pylint: disable=g-import-not-at-top
+  sampling.sampler_options(c, config.diffusion.num_timesteps)
 
 
 def check_evaluation(config, mode: str):
-  del mode
   c, p = config.evaluation, "evaluation"
+  _int(c, p, "checkpoint_step", minimum=-1)
   _string(c, p, "split", empty_ok=False)
   _int(c, p, "batch_size", minimum=1)
   _int(c, p, "num_examples", minimum=1)
-  _int(c, p, "num_fid_samples", minimum=1)
+  _int(c, p, "num_fid_samples", minimum=2 if mode in ("fid", "evaluate_watch") else 1)
   _bool(c, p, "clip_denoised")
+  if "sample_chunk_size" not in c:  # a config.json saved before the evaluation modes existed
+    return
+  _int(c, p, "sample_chunk_size", minimum=1)
+  _string(c, p, "inception_weights")
+  _choice(c, p, "fid_resize", ("tf", "pytorch"))
+  if not c.fid_reference_splits or not all(isinstance(s, str) and s for s in c.fid_reference_splits):
+    _fail(f"{p}.fid_reference_splits", c.fid_reference_splits, "must name one or more splits, e.g. ('train',)")
+  _int(c, p, "num_fid_reference", minimum=0)
+  _string(c, p, "stats_dir")
+  if not c.watch_modes or any(m not in ("bpd", "fid") for m in c.watch_modes):
+    _fail(f"{p}.watch_modes", c.watch_modes, "must name one or more of bpd, fid")
+  _real(c, p, "watch_poll_secs", above=0)
+  _real(c, p, "watch_timeout_secs", at_least=0)
+
+
+def check_interpolation(config, mode: str):
+  if mode != "interpolate":  # only that mode reads the section
+    return
+  from ddpm_jax import interpolate  # pylint: disable=g-import-not-at-top
+  interpolate.check_config(config.interpolation, config.diffusion.num_timesteps)
 
 
 def check_distributed(config, mode: str):
@@ -181,6 +204,7 @@ SECTION_CHECKS = {
     "training": check_training,
     "sampling": check_sampling,
     "evaluation": check_evaluation,
+    "interpolation": check_interpolation,
     "distributed": check_distributed,
 }
 

@@ -153,6 +153,28 @@ def test_sample_counts_are_checked_where_they_are_used():
     validation.validate(config, mode="sample")
 
 
+
+@pytest.mark.parametrize("mode,key,value", [
+    ("train", "sampling.method", "plms"),
+    ("train", "sampling.num_steps", 11),  # T = 10
+    ("sample", "sampling.eta", -1.0),
+    ("train", "sampling.spacing", "ddimx"),
+    ("train", "evaluation.fid_resize", "bicubic"),
+    ("train", "evaluation.sample_chunk_size", 0),
+    ("train", "evaluation.watch_modes", ("nll",)),
+    ("train", "evaluation.watch_poll_secs", 0),
+    ("fid", "evaluation.num_fid_samples", 1),
+    ("interpolate", "interpolation.timesteps", (11,)),
+])
+def test_sampler_evaluation_and_interpolation_keys_are_checked_before_any_work(mode, key, value):
+  config = tiny_config()
+  config.interpolation.timesteps = (5, 10)
+  validation.validate(config, mode=mode)
+  section, name = key.split(".")
+  config[section][name] = value
+  with pytest.raises(ConfigError, match=rf"config\.{section}\.{name}"):
+    validation.validate(config, mode=mode)
+
 # ----------------------------------------------------------------------------- corrupted checkpoints
 
 
