@@ -6,11 +6,14 @@ as JSON), so training resumes exactly and evaluation needs nothing but the check
 """
 
 import json
+import logging as std_logging
 import os
 
 import jax
+from absl import logging
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 from grain import checkpoint as grain_checkpoint
 
 from ddpm_jax.errors import CheckpointError
@@ -20,14 +23,27 @@ MODEL_KEYS = ("model", "diffusion", "data.image_size", "data.num_channels")
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+  """WORKDIR/checkpoints, absolute; URLs such as gs://bucket/run stay as they are."""
+  return os.path.join(workdir if "://" in workdir else os.path.abspath(workdir), "checkpoints")
+
+
+def _is_read_only_notice(record) -> bool:
+  return record.levelno == std_logging.WARNING and "read only" in record.getMessage()
 
 
 def make_manager(workdir: str, *, keep: int, read_only: bool = False) -> ocp.CheckpointManager:
-  """An async manager keeping the newest `keep` checkpoints."""
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
+  """An async manager keeping the newest `keep` checkpoints, or a read-only one (for sampling/evaluation)."""
+  options = ocp.CheckpointManagerOptions(max_to_keep=None if read_only else keep, create=not read_only,
+                                         read_only=read_only, save_interval_steps=0 if read_only else 1,
                                          enable_async_checkpointing=not read_only)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+  # orbax warns that a read-only manager is read only; that is what was asked for, not news for the log.
+  drop = lambda record: not _is_read_only_notice(record)
+  absl_logger = logging.get_absl_logger()
+  absl_logger.addFilter(drop)
+  try:
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+  finally:
+    absl_logger.removeFilter(drop)
 
 
 def save(manager: ocp.CheckpointManager, *, state, data_iterator, config, force: bool = False) -> None:
@@ -89,19 +105,18 @@ def check_compatible(saved: dict, config: ml_collections.ConfigDict, *, source: 
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> str:
-  """Writes the resolved config as WORKDIR/config.json (process 0 only)."""
-  path = os.path.join(workdir, "config.json")
+  """Writes the resolved config as WORKDIR/config.json (process 0 only; WORKDIR may be a gs:// URL)."""
+  path = epath.Path(workdir) / "config.json"
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-      json.dump(config.to_dict(), f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)  # readers never see a half-written file
-  return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / "config.json.tmp"
+    tmp.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True))
+    tmp.replace(path)  # readers never see a half-written file
+  return os.fspath(path)
 
 
 def read_config(workdir: str) -> dict | None:
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / "config.json"
+  if not path.exists():
     return None
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(path.read_text())

@@ -41,14 +41,20 @@ def run(config, workdir: str, mode: str):
   raise ConfigError(f"Unknown mode {mode!r}; expected 'train' or 'sample'.")
 
 
+def _library_chatter_filter():
+  """A log filter that keeps JAX's and orbax's warnings and drops their INFO records (every save, backend probing)."""
+  import orbax.checkpoint  # pylint: disable=g-import-not-at-top
+  chatty = tuple(os.path.dirname(m.__file__) + os.sep for m in (jax, orbax.checkpoint))
+  return lambda record: record.levelno >= std_logging.WARNING or not record.pathname.startswith(chatty)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   if not FLAGS.workdir.strip():
     raise app.UsageError("--workdir must not be empty.")
   data.hide_accelerators_from_tensorflow()
-  # orbax reports every save at INFO; keep its warnings, drop the chatter from the training log.
-  logging.get_absl_handler().addFilter(lambda r: r.levelno >= std_logging.WARNING or "/orbax/" not in r.pathname)
+  logging.get_absl_handler().addFilter(_library_chatter_filter())
   from ddpm_jax import train  # pylint: disable=g-import-not-at-top
   try:
     parallel.maybe_initialize_distributed(FLAGS.config.distributed)

@@ -17,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 from ddpm_jax import diffusion as dm
 from ddpm_jax import images
 from ddpm_jax import parallel
+from ddpm_jax.errors import ConfigError
 
 
 class Chain(NamedTuple):
@@ -29,6 +30,13 @@ class Chain(NamedTuple):
 def record_timesteps(num_timesteps: int, record_every: int) -> np.ndarray:
   """The timesteps recorded by a progressive run, in sampling order (descending, ending at 0)."""
   return np.arange(0, num_timesteps, record_every)[::-1]
+
+
+def record_interval(num_timesteps: int, every: int = 0, *, frames: int = 10) -> int:
+  """`every`, or when it is 0 the interval that gives about `frames` pictures of a T-step chain."""
+  if every < 0:
+    raise ConfigError(f"config.sampling.progressive_every must be >= 0 (0: about {frames} frames), got {every}.")
+  return every or max(1, num_timesteps // frames)
 
 
 def make_sampler(model, d: dm.Diffusion, mesh, *, image_shape, clip_denoised: bool = True,

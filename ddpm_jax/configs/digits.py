@@ -33,7 +33,6 @@ def get_config():
   config.training.checkpoint_every = 500
   config.sampling.batch_size = 100
   config.sampling.num_samples = 100
-  config.sampling.progressive_every = 100
   config.evaluation.split = "train"
   config.evaluation.batch_size = 100
   config.evaluation.num_examples = 500
