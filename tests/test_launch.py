@@ -149,15 +149,26 @@ class _Task:
     return self.proc.wait(timeout=timeout)
 
 
+@pytest.fixture
+def tasks():
+  """The SLURM tasks a test starts; any still running at its end (a failed test) are killed."""
+  started = []
+  yield started
+  for task in started:
+    if task.proc.poll() is None:
+      task.proc.kill()
+      task.proc.wait()
+
+
 def _steps(workdir):
   return sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
 
 
-def test_fake_slurm_job_of_two_processes_trains_as_one(tmp_path):
+def test_fake_slurm_job_of_two_processes_trains_as_one(tmp_path, tasks):
   """initialize = auto: JAX's SLURM detection forms one 4-device job from the SLURM_* variables."""
   job_id = _free_slurm_job_id()
   workdir = tmp_path / "w"
-  tasks = [_Task(workdir, rank, job_id, "--config.training.batch_size=8") for rank in range(2)]
+  tasks += [_Task(workdir, rank, job_id, "--config.training.batch_size=8") for rank in range(2)]
   for task in tasks:
     assert task.wait() == 0, task.log()[-3000:]
   log0, log1 = tasks[0].log(), tasks[1].log()
@@ -168,16 +179,16 @@ def test_fake_slurm_job_of_two_processes_trains_as_one(tmp_path):
   assert os.path.exists(workdir / "config.json")
   # The global batch is checked against all 4 devices of the job, not the 2 of one process.
   job_id = _free_slurm_job_id()
-  tasks = [_Task(tmp_path / "bad", rank, job_id, "--config.training.batch_size=6") for rank in range(2)]
+  tasks[:] = [_Task(tmp_path / "bad", rank, job_id, "--config.training.batch_size=6") for rank in range(2)]
   for task in tasks:
     assert task.wait() == 1 and "not divisible by the number of devices (4)" in task.log(), task.log()[-3000:]
 
 
-def test_sigterm_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(tmp_path):
+def test_sigterm_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(tmp_path, tasks):
   """JAX's preemption notice: SIGTERM reaches one host; every host stops at one step and saves it."""
   job_id = _free_slurm_job_id()
   workdir = tmp_path / "w"
-  tasks = [_Task(workdir, rank, job_id, "--config.training.num_steps=100000", "--config.training.log_every=1",
+  tasks += [_Task(workdir, rank, job_id, "--config.training.num_steps=100000", "--config.training.log_every=1",
                  "--config.training.checkpoint_every=0") for rank in range(2)]
   deadline = time.time() + 600
   while "step 3/" not in tasks[0].log() and tasks[0].proc.poll() is None and time.time() < deadline:
