@@ -59,7 +59,8 @@ def restore(manager: ocp.CheckpointManager, *, abstract_state, data_iterator=Non
   """The train state (and iterator position) of `step`, or of the newest checkpoint."""
   step = manager.latest_step() if step is None else step
   items = dict(state=ocp.args.StandardRestore(abstract_state))
-  if data_iterator is not None:
+  # An imported checkpoint (ddpm_jax.convert) holds no iterator position: the data order then starts afresh.
+  if data_iterator is not None and "data" in manager.item_metadata(step).keys():
     items["data"] = grain_checkpoint.CheckpointRestore(data_iterator)
   return manager.restore(step, args=ocp.args.Composite(**items)).state
 

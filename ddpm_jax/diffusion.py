@@ -279,6 +279,14 @@ def split_model_output(d: Diffusion, model_output, x_shape):
   return model_output, None
 
 
+def _model_variance(d: Diffusion, log_variance, t, x_shape):
+  """The variance reported beside the log-variance. For fixedsmall it is the posterior variance itself,
+  0 at t = 0 where the log-variance is clipped (the official values); elsewhere exp(log-variance)."""
+  if d.var_type == "fixedsmall":
+    return jnp.broadcast_to(extract(d.posterior_variance, t, x_shape), x_shape)
+  return jnp.exp(log_variance)
+
+
 def _model_log_variance(d: Diffusion, var_output, t, x_shape):
   if d.var_type == "learned":
     return var_output
@@ -306,7 +314,7 @@ def p_mean_variance(d: Diffusion, model_output, x_t, t, *, clip_denoised: bool) 
     else:
       pred_xstart = maybe_clip(predict_xstart_from_eps(d, x_t, t, mean_output))
     mean, _, _ = q_posterior_mean_variance(d, pred_xstart, x_t, t)
-  return PMeanVariance(mean, jnp.exp(log_variance), log_variance, pred_xstart)
+  return PMeanVariance(mean, _model_variance(d, log_variance, t, x_t.shape), log_variance, pred_xstart)
 
 
 def p_sample(d: Diffusion, model_output, x_t, t, *, key=None, noise=None, clip_denoised: bool = True):
@@ -320,6 +328,32 @@ def p_sample(d: Diffusion, model_output, x_t, t, *, key=None, noise=None, clip_d
     noise = jax.random.normal(key, x_t.shape, x_t.dtype)
   nonzero = (t != 0).astype(x_t.dtype).reshape((x_t.shape[0],) + (1,) * (x_t.ndim - 1))
   return out.mean + nonzero * jnp.exp(0.5 * out.log_variance) * noise, out.pred_xstart
+
+
+def predict_eps_from_xstart(d: Diffusion, x_t, t, pred_xstart):
+  """The eps that x_0 implies: (sqrt(1/abar_t) x_t - x_0) / sqrt(1/abar_t - 1)."""
+  return ((extract(d.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - pred_xstart)
+          / extract(d.sqrt_recipm1_alphas_cumprod, t, x_t.shape))
+
+
+def ddim_sample(d: Diffusion, model_output, x_t, t, *, eta: float, noise=None, clip_denoised: bool = True):
+  """One DDIM step (Song et al. 2021) from step t to step t - 1 of `d` (abar_prev = 1 after t = 0).
+
+  eps is re-derived from the (clipped) x_0; sigma = eta sqrt((1 - abar_prev) / (1 - abar_t))
+  sqrt(1 - abar_t / abar_prev). `noise` is needed when eta > 0. Returns (x_{t-1}, predicted x_0).
+  On a respaced `Diffusion`, step t - 1 is the previous kept step.
+  """
+  pred_xstart = p_mean_variance(d, model_output, x_t, t, clip_denoised=clip_denoised).pred_xstart
+  eps = predict_eps_from_xstart(d, x_t, t, pred_xstart)
+  abar = extract(d.alphas_cumprod, t, x_t.shape)
+  abar_prev = extract(d.alphas_cumprod_prev, t, x_t.shape)
+  sigma = eta * jnp.sqrt((1.0 - abar_prev) / (1.0 - abar)) * jnp.sqrt(1.0 - abar / abar_prev)
+  x_prev = (jnp.sqrt(abar_prev) * pred_xstart
+            + jnp.sqrt(jnp.maximum(1.0 - abar_prev - jnp.square(sigma), 0.0)) * eps)
+  if eta > 0:
+    assert noise is not None and noise.shape == x_t.shape
+    x_prev = x_prev + sigma * noise
+  return x_prev, pred_xstart
 
 
 # ----------------------------------------------------------------------------- bounds and losses

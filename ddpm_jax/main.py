@@ -1,4 +1,4 @@
-"""Entry point: `python -m ddpm_jax.main --config=configs/cifar10.py --workdir=DIR [--mode=train|sample]`.
+"""Entry point: `python -m ddpm_jax.main --config=configs/cifar10.py --workdir=DIR [--mode=train|sample|bpd|fid|...]`.
 
 `--config.training.batch_size=64`-style flags override any key of the config file. Every user
 mistake ends the program with one sentence on stderr and exit status 1.
@@ -24,7 +24,11 @@ from ddpm_jax.errors import ConfigError
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. configs/cifar10.py.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, samples, TensorBoard events and config.json.")
-flags.DEFINE_enum("mode", "train", ["train", "sample"], "train: train or resume; sample: sample from a checkpoint.")
+MODES = ("train", "sample", "interpolate", "bpd", "fid", "evaluate_watch")
+flags.DEFINE_enum("mode", "train", list(MODES),
+                  "train: train or resume; sample: sample from a checkpoint; interpolate: the paper's "
+                  "interpolations (Figures 8, 9); bpd: the NLL bound in bits/dim; fid: FID and Inception Score "
+                  "of samples; evaluate_watch: evaluate every new checkpoint of a training run once.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 USER_ERRORS = (ConfigError, OSError)  # bad config values, bad paths, full disks; anything else is a bug
@@ -38,7 +42,16 @@ def run(config, workdir: str, mode: str):
     return train.train_and_evaluate(config, workdir)
   if mode == "sample":
     return evaluate.dump_samples(config, workdir)
-  raise ConfigError(f"Unknown mode {mode!r}; expected 'train' or 'sample'.")
+  if mode == "interpolate":
+    from ddpm_jax import interpolate  # pylint: disable=g-import-not-at-top
+    return interpolate.run(config, workdir)
+  if mode == "bpd":
+    return evaluate.evaluate_bpd(config, workdir)
+  if mode == "fid":
+    return evaluate.evaluate_fid(config, workdir)
+  if mode == "evaluate_watch":
+    return evaluate.watch(config, workdir)
+  raise ConfigError(f"Unknown mode {mode!r}; expected one of {', '.join(MODES)}.")
 
 
 def _library_chatter_filter():

@@ -57,9 +57,15 @@ def init_state(model, tx, *, seed: int, shape) -> TrainState:
   key = jax.random.key(seed)
   x = jnp.zeros((1,) + tuple(shape), jnp.float32)
   params = model.init({"params": jax.random.fold_in(key, 0)}, x, jnp.zeros((1,), jnp.int32), train=False)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+  return state_from_params(params, tx, seed=seed)
+
+
+def state_from_params(params, tx, *, seed: int, step: int = 0) -> TrainState:
+  """A train state at `step` holding `params` (EMA equal to them), fresh optimizer state, the base key."""
+  params = jax.tree.map(jnp.asarray, params)
+  return TrainState(step=jnp.asarray(step, jnp.int32), params=params,
                     ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params),
-                    key=jax.random.key_data(jax.random.fold_in(key, 1)))
+                    key=jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1)))
 
 
 def abstract_state(model, tx, *, shape, mesh):

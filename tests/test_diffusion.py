@@ -125,7 +125,7 @@ def test_variance_types():
   d = make()
   pv = np.asarray(d.posterior_variance)
   np.testing.assert_allclose(large.variance[:, 0, 0, 0], [pv[1], d.betas[1], d.betas[10], d.betas[T - 1]], rtol=1e-5)
-  np.testing.assert_allclose(small.variance[:, 0, 0, 0], [pv[1], pv[1], pv[10], pv[T - 1]], rtol=1e-5)
+  np.testing.assert_allclose(small.log_variance[:, 0, 0, 0], np.log([pv[1], pv[1], pv[10], pv[T - 1]]), rtol=1e-5)
   v = jnp.concatenate([x, jnp.full_like(x, 0.3)], axis=-1)
   learned = dm.p_mean_variance(make(var_type="learned", loss_type="kl"), v, x, t, clip_denoised=False)
   np.testing.assert_allclose(learned.log_variance, 0.3, rtol=1e-6)
@@ -133,6 +133,22 @@ def test_variance_types():
     v = jnp.concatenate([x, jnp.full_like(x, value)], axis=-1)
     lr = dm.p_mean_variance(make(var_type="learned_range", loss_type="hybrid"), v, x, t, clip_denoised=False)
     np.testing.assert_allclose(lr.log_variance, jnp.broadcast_to(expect, x.shape), rtol=1e-5)
+
+
+def test_fixedsmall_reports_the_official_variance_beside_the_clipped_log_variance():
+  """Official p_mean_variance for fixedsmall: variance = posterior variance (exactly 0 at t = 0), log-variance
+  clipped (log posterior_variance[1] at t = 0); only the log-variance drives sampling and the bound."""
+  betas = dm.get_beta_schedule("linear", beta_start=1e-4, beta_end=0.4, num_timesteps=T)
+  abar = np.cumprod(1 - betas)
+  abar_prev = np.append(1.0, abar[:-1])
+  official = betas * (1 - abar_prev) / (1 - abar)  # float64, from the formula
+  x = rand(0)
+  t = jnp.array([0, 1, 10, T - 1])
+  small = dm.p_mean_variance(dm.make_diffusion(betas, var_type="fixedsmall"), x, x, t, clip_denoised=False)
+  assert official[0] == 0.0 and float(jnp.abs(small.variance[0]).max()) == 0.0
+  np.testing.assert_allclose(small.variance[:, 0, 0, 0], official[t], rtol=1e-5)
+  np.testing.assert_allclose(small.log_variance[:, 0, 0, 0], np.log(official[[1, 1, 10, T - 1]]), rtol=1e-5)
+  assert small.variance.shape == small.log_variance.shape == x.shape
 
 
 def test_clipping_applies_to_pred_xstart():

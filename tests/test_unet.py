@@ -185,13 +185,13 @@ def test_converter_rejects_missing_misshapen_and_unused_weights():
   torch_model, model = diffusers_twin(tiny_config(), image_size=16, num_channels=3, learned_variance=False)
   state_dict = {k: v.numpy() for k, v in torch_model.state_dict().items()}
   missing = {k: v for k, v in state_dict.items() if k != "mid_block.resnets.1.conv2.weight"}
-  with pytest.raises(ValueError, match=r"no 'mid_block\.resnets\.1\.conv2\.weight'"):
+  with pytest.raises(ValueError, match=r"lacks 1 of the model's \d+ weights: 'mid_block\.resnets\.1\.conv2\.weight'"):
     convert.unet_params_from_diffusers(missing, model=model)
   misshapen = dict(state_dict, **{"conv_out.bias": np.zeros(4, np.float32)})
   with pytest.raises(ValueError, match=r"'conv_out\.bias' has shape \(4,\)"):
     convert.unet_params_from_diffusers(misshapen, model=model)
   extra = dict(state_dict, **{"mid_block.resnets.2.conv1.bias": np.zeros(64, np.float32)})
-  with pytest.raises(ValueError, match=r"no place in the model.*mid_block\.resnets\.2\.conv1\.bias"):
+  with pytest.raises(ValueError, match=r"1 weight in .* has no place in the model: 'mid_block\.resnets\.2\.conv1\.bias'"):
     convert.unet_params_from_diffusers(extra, model=model)
 
 
