@@ -13,13 +13,15 @@ OSError sentence; orbax writes each step in a new folder, so earlier checkpoints
 import contextlib
 import hashlib
 import json
+import logging as std_logging
 import os
 import re
 
 import jax
+from absl import logging
 import ml_collections
 import orbax.checkpoint as ocp
-from absl import logging
+from etils import epath
 from grain import checkpoint as grain_checkpoint
 
 from ddpm_jax.errors import CheckpointError
@@ -32,7 +34,12 @@ _OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+  """WORKDIR/checkpoints, absolute; URLs such as gs://bucket/run stay as they are."""
+  return os.path.join(workdir if "://" in workdir else os.path.abspath(workdir), "checkpoints")
+
+
+def _is_read_only_notice(record) -> bool:
+  return record.levelno == std_logging.WARNING and "read only" in record.getMessage()
 
 
 def corrupt_dir(workdir: str) -> str:
@@ -214,14 +221,21 @@ class Manager(ocp.CheckpointManager):
 
 
 def make_manager(workdir: str, *, keep: int, read_only: bool = False) -> Manager:
-  """An async manager keeping the newest `keep` checkpoints."""
+  """An async manager keeping the newest `keep` checkpoints, or a read-only one (for sampling/evaluation)."""
   # Step folders are created in the calling thread: created in the background, a refused mkdir leaves
   # the save waiting minutes for a signal that never comes.
   options = ocp.CheckpointManagerOptions(max_to_keep=None if read_only else keep, create=not read_only,
                                          read_only=read_only, enable_async_checkpointing=not read_only,
                                          save_interval_steps=0 if read_only else 1,
                                          async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
-  return Manager(checkpoint_dir(workdir), options=options)
+  # orbax warns that a read-only manager is read only; that is what was asked for, not news for the log.
+  drop = lambda record: not _is_read_only_notice(record)
+  absl_logger = logging.get_absl_logger()
+  absl_logger.addFilter(drop)
+  try:
+    return Manager(checkpoint_dir(workdir), options=options)
+  finally:
+    absl_logger.removeFilter(drop)
 
 
 def save(manager: Manager, *, state, data_iterator, config, force: bool = False) -> None:
@@ -368,23 +382,22 @@ def check_compatible(saved: dict, config: ml_collections.ConfigDict, *, source: 
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> str:
-  """Writes the resolved config as WORKDIR/config.json (process 0 only)."""
-  path = os.path.join(workdir, "config.json")
+  """Writes the resolved config as WORKDIR/config.json (process 0 only; WORKDIR may be a gs:// URL)."""
+  path = epath.Path(workdir) / "config.json"
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-      json.dump(config.to_dict(), f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)  # readers never see a half-written file
-  return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / "config.json.tmp"
+    tmp.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True))
+    tmp.replace(path)  # readers never see a half-written file
+  return os.fspath(path)
 
 
 def read_config(workdir: str) -> dict | None:
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / "config.json"
+  if not path.exists():
     return None
-  with open(path) as f:
-    try:
-      return json.load(f)
-    except ValueError as e:
-      raise CheckpointError(f"{path} is not valid JSON ({e}); restore it from the newest checkpoint's "
-                            "config item or a copy.") from None
+  try:
+    return json.loads(path.read_text())
+  except ValueError as e:
+    raise CheckpointError(f"{path} is not valid JSON ({e}); restore it from the newest checkpoint's "
+                          "config item or a copy.") from None

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import tqdm
 from absl import logging
+from etils import epath
 from jax.sharding import PartitionSpec as P
 
 from ddpm_jax import checkpoint
@@ -84,7 +85,7 @@ def _sample_key(config):
 def _fresh_dir(path: str) -> str:
   """`path`, or `path_1`, `path_2`, ...: earlier sample dumps are never overwritten."""
   candidate, i = path, 0
-  while os.path.exists(candidate):
+  while epath.Path(candidate).exists():
     i += 1
     candidate = f"{path}_{i}"
   return candidate
@@ -183,6 +184,7 @@ def dump_samples(config, workdir: str) -> str | None:
     raise ConfigError(f"config.sampling.num_samples must be >= 1, got {c.num_samples}.")
   parallel.check_batch_size(c.batch_size, what="config.sampling.batch_size")
   d, model, tx, _ = state_lib.build(config)
+  record_every = sampling.record_interval(d.num_timesteps, c.progressive_every)
   mesh = parallel.make_mesh()
   params, step = restore_ema_params(config, workdir, model=model, tx=tx, mesh=mesh, step=c.checkpoint_step)
   shape = state_lib.image_shape(config)
@@ -195,25 +197,25 @@ def dump_samples(config, workdir: str) -> str | None:
   samples = sampling.generate(sample_fn, params, key=key, num_samples=c.num_samples, batch_size=c.batch_size,
                               mesh=mesh, progress=_progress_bar(c.num_samples))
   chain = None
-  if c.num_progressive > 0 and c.progressive_every > 0:
+  if c.num_progressive > 0:
     n = c.num_progressive
     chain_batch = parallel.round_up_to_devices(n)
     chain_fn = sampling.make_sampler(model, d, mesh, image_shape=shape, clip_denoised=c.clip_denoised,
-                                     record_every=c.progressive_every, **sampling.sampler_options(c, d.num_timesteps))
+                                     record_every=record_every, **sampling.sampler_options(c, d.num_timesteps))
     _, chain = chain_fn(params, key, sampling.sample_ids(0, chain_batch, mesh))
     chain = jax.tree.map(lambda a: parallel.to_host(a)[:, :n] if a.ndim > 1 else a, chain)
 
   if jax.process_index() != 0:
     return None
   out = _fresh_dir(os.path.join(workdir, "samples", f"ckpt_{step}_n{c.num_samples}_seed{config.seed}"))
-  os.makedirs(out)
-  np.savez(os.path.join(out, "samples.npz"), arr_0=samples)
+  epath.Path(out).mkdir(parents=True)
+  with epath.Path(out, "samples.npz").open("wb") as f:  # WORKDIR may be a gs:// URL
+    np.savez(f, arr_0=samples)
   images.save_png(os.path.join(out, "grid.png"), images.make_grid(samples[:256]))
   if chain is not None:
     images.save_png(os.path.join(out, "progressive_x0.png"), images.chain_grid(chain.pred_xstart))
     images.save_png(os.path.join(out, "chain_xt.png"), images.chain_grid(chain.x))
-    with open(os.path.join(out, "chain_timesteps.txt"), "w") as f:
-      f.write(" ".join(map(str, chain.timesteps.tolist())) + "\n")
+    epath.Path(out, "chain_timesteps.txt").write_text(" ".join(map(str, chain.timesteps.tolist())) + "\n")
   logging.info("Wrote %d samples to %s (samples.npz, grid.png%s).", c.num_samples, out,
                ", progressive_x0.png, chain_xt.png" if chain is not None else "")
   return out

@@ -1,9 +1,9 @@
 """Pixels: conversions at the model boundary ([0, 255] <-> [-1, 1]), sample grids, chain strips, PNG files."""
 
 import math
-import os
 
 import numpy as np
+from etils import epath
 from PIL import Image
 
 
@@ -43,8 +43,13 @@ def upscale(image: np.ndarray, factor: int) -> np.ndarray:
 
 
 def save_png(path: str, image: np.ndarray, *, min_size: int = 512) -> str:
-  """Writes a uint8 [H, W, C] image (C = 1 or 3), enlarged to at least `min_size` pixels wide."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  """Writes a uint8 [H, W, C] image (C = 1 or 3), enlarged to at least `min_size` pixels wide.
+
+  `path` may be a gs:// URL (written through etils.epath, as orbax writes checkpoints).
+  """
+  out = epath.Path(path)
+  out.parent.mkdir(parents=True, exist_ok=True)
   image = upscale(image, max(1, math.ceil(min_size / image.shape[1])))
-  Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
+  with out.open("wb") as f:
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(f, format="PNG")
   return path

@@ -60,6 +60,13 @@ def run(config, workdir: str, mode: str):
   raise ConfigError(f"Unknown mode {mode!r}; expected one of {', '.join(MODES)}.")
 
 
+def _library_chatter_filter():
+  """A log filter that keeps JAX's and orbax's warnings and drops their INFO records (every save, backend probing)."""
+  import orbax.checkpoint  # pylint: disable=g-import-not-at-top
+  chatty = tuple(os.path.dirname(m.__file__) + os.sep for m in (jax, orbax.checkpoint))
+  return lambda record: record.levelno >= std_logging.WARNING or not record.pathname.startswith(chatty)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
@@ -67,6 +74,8 @@ def main(argv):
     raise app.UsageError("--workdir must not be empty.")
   console.quiet_background(FLAGS.verbose)
   data.hide_accelerators_from_tensorflow()
+  if not FLAGS.verbose:
+    logging.get_absl_handler().addFilter(_library_chatter_filter())
   from ddpm_jax import train  # pylint: disable=g-import-not-at-top
   try:
     validation.validate(FLAGS.config, mode=FLAGS.mode)  # every key, before any device or file is touched

@@ -38,6 +38,13 @@ def record_timesteps(num_timesteps: int, record_every: int) -> np.ndarray:
   return np.arange(0, num_timesteps, record_every)[::-1]
 
 
+def record_interval(num_timesteps: int, every: int = 0, *, frames: int = 10) -> int:
+  """`every`, or when it is 0 the interval that gives about `frames` pictures of a T-step chain."""
+  if every < 0:
+    raise ConfigError(f"config.sampling.progressive_every must be >= 0 (0: about {frames} frames), got {every}.")
+  return every or max(1, num_timesteps // frames)
+
+
 def record_steps(timesteps, record_every: int) -> np.ndarray:
   """Indices k (descending) into the kept `timesteps` after whose reverse step a record is taken: the last
   step, and each step from t = timesteps[k] for which (timesteps[k - 1], t] holds a multiple of

@@ -62,8 +62,8 @@ def get_config():
   sampling.batch_size = 256  # global
   sampling.num_samples = 64
   sampling.clip_denoised = True
-  sampling.progressive_every = 100  # record x0 predictions every this many steps
-  sampling.num_progressive = 8  # samples (rows) in the progressive picture
+  sampling.progressive_every = 0  # record x0 predictions every this many steps; 0: T // 10 (about 10 frames)
+  sampling.num_progressive = 8  # samples (rows) in the progressive picture; 0: no progressive picture
   sampling.checkpoint_step = -1  # -1: newest checkpoint
   sampling.method = "ancestral"  # ancestral (Algorithm 2) | ddim (Song et al. 2021)
   sampling.num_steps = -1  # reverse steps taken, in [1, T]; -1: all T

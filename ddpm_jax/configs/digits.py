@@ -33,7 +33,6 @@ def get_config():
   config.training.checkpoint_every = 500
   config.sampling.batch_size = 100
   config.sampling.num_samples = 100
-  config.sampling.progressive_every = 100
   config.interpolation.timesteps = (50, 100, 150, 200)  # the paper's 250 .. 1000 of T = 1000, at T = 200
   config.evaluation.split = "train"
   config.evaluation.batch_size = 100
