@@ -5,6 +5,7 @@ mistake ends the program with one sentence on stderr and exit status 1. TensorFl
 lines and orbax's background-thread reports are shown only with --verbose.
 """
 
+import logging as std_logging
 import os
 import sys
 
