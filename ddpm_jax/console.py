@@ -1,7 +1,8 @@
 """What the command line shows: a config file that fails to import as one sentence, and a quiet start-up.
 
 Only `main` calls these: they replace a flag's parser, redirect file descriptor 2 for a moment,
-and install logging filters and exception hooks for the whole process.
+and install logging filters and exception hooks for the whole process. (`data` borrows
+`native_stderr_hidden` for TensorFlow's import.)
 """
 
 import contextlib

@@ -6,7 +6,6 @@ so a run on 1 host and a run on 64 hosts see the same global batches, and the it
 (`get_state`) is all a checkpoint needs to resume exactly.
 """
 
-import contextlib
 import functools
 import os
 import pathlib
@@ -19,6 +18,7 @@ import grain
 import numpy as np
 from PIL import Image
 
+from ddpm_jax import console
 from ddpm_jax.errors import DatasetError  # pylint: disable=unused-import (re-exported)
 
 _TFDS_NAMES = {"cifar10": "cifar10", "celeb_a_hq": "celeb_a_hq/256"}
@@ -133,30 +133,13 @@ def _image_paths(folder: str) -> list[pathlib.Path]:
 # TFDS.
 
 
-@contextlib.contextmanager
-def _native_stderr_to_devnull(enabled: bool):
-  """Sends what native code writes to file descriptor 2 to /dev/null while the block runs."""
-  if not enabled:
-    yield
-    return
-  sys.stderr.flush()
-  saved = os.dup(2)
-  try:
-    with open(os.devnull, "wb") as devnull:
-      os.dup2(devnull.fileno(), 2)
-    yield
-  finally:
-    os.dup2(saved, 2)
-    os.close(saved)
-
-
 def hide_accelerators_from_tensorflow():
   """Makes TensorFlow (imported by TFDS and TensorBoard writers) see no GPU/TPU, so JAX keeps all their memory."""
   # TensorFlow 2.21 prints its start-up notices (oneDNN, CUDA stubs) before it reads TF_CPP_MIN_LOG_LEVEL;
   # when that asks for silence (main sets 3), the import is kept quiet.
   quiet = "tensorflow" not in sys.modules and os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") == "3"
   try:
-    with _native_stderr_to_devnull(quiet):
+    with console.native_stderr_hidden(quiet):
       import tensorflow as tf  # pylint: disable=g-import-not-at-top
   except ImportError:
     return
