@@ -239,11 +239,12 @@ def train_and_evaluate(config, workdir: str):
   logger = _Logger(writer, num_steps=c.num_steps, batch_size=c.batch_size, start_step=step)
   k = c.steps_per_dispatch
   crossed = lambda every, before, after: bool(every) and after // every > before // every
+  batches = parallel.DevicePrefetcher(data_iterator, mesh)
   with _Preemption(install=jax.process_count() == 1) as preemption:
     while step < c.num_steps:
       n = min(k, c.num_steps - step)
-      local = np.stack([next(data_iterator) for _ in range(n)])
-      state, metrics = train_step(state, parallel.global_batch(local, mesh, batch_axis=1))
+      state, metrics = train_step(state, batches.take(n))
+      batches.prefetch(min(k, c.num_steps - step - n))  # while the step just dispatched runs
       logger.add(step, metrics)
       step, before = step + n, step
       done = step >= c.num_steps
@@ -253,6 +254,7 @@ def train_and_evaluate(config, workdir: str):
         logger.report(step)
       if crossed(c.checkpoint_every, before, step) or done or preempted:
         logger.check_finite()
+        batches.rewind()  # the checkpoint holds the data position of the steps taken, not of the read-ahead
         checkpoint.save(manager, state=state, data_iterator=data_iterator, config=config, force=True)
       if preempted:
         manager.wait_until_finished()
