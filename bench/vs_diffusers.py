@@ -87,9 +87,10 @@ def jax_worker(spec):
   if "forward" in spec["what"]:
     x = jnp.asarray(rng.uniform(-1, 1, (batch,) + shape), jnp.float32)
     t = jnp.asarray(rng.integers(0, 1000, batch), jnp.int32)
-    forward = jax.jit(lambda p, x, t: built.model.apply(p, x, t, train=False))
-    compiled = forward.lower(state.params, x, t).compile()
-    out["forward_flops_per_image"] = _flops(compiled) / batch
+    t0 = time.perf_counter()
+    forward = jax.jit(lambda p, x, t: built.model.apply(p, x, t, train=False)).lower(state.params, x, t).compile()
+    out["forward_compile_s"] = time.perf_counter() - t0
+    out["forward_flops_per_image"] = _flops(forward) / batch
     t0 = time.perf_counter()
     for _ in range(spec["warmup"]):
       forward(state.params, x, t).block_until_ready()
@@ -101,7 +102,10 @@ def jax_worker(spec):
                                     ema_decay=EMA_DECAY, lr_fn=built.lr_fn)
     images = rng.integers(0, 256, (1, batch) + shape).astype(np.uint8)
     batches = parallel.global_batch(images, mesh, batch_axis=1)
-    out["train_flops_per_image"] = _flops(step_fn.lower(state, batches).compile()) / batch
+    t0 = time.perf_counter()
+    step_fn = step_fn.lower(state, batches).compile()
+    out["train_compile_s"] = time.perf_counter() - t0
+    out["train_flops_per_image"] = _flops(step_fn) / batch
     t0 = time.perf_counter()
     for _ in range(spec["warmup"]):
       state, _ = step_fn(state, batches)
@@ -276,7 +280,7 @@ def main():
   parser.add_argument("--batch", type=int, default=16)
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--steps", type=int, default=5, help="timed steps per round and side (median taken)")
-  parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first compiles)")
+  parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (JAX compiles before them)")
   parser.add_argument("--what", default="forward,train")
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--xla_cpu_flags", default="on", choices=["on", "off", "both"],

@@ -58,11 +58,8 @@ def make_train_step(model, d: dm.Diffusion, tx, mesh, *, ema_decay: float, lr_fn
 
     def loss_fn(params):
       def model_fn(x_t, t):
-        if not model.dropout:
-          return model.apply(params, x_t, t, train=True)
-        # vmapped over examples, so each example's dropout mask depends on its id, not on the device count
-        apply_one = lambda x, tt, k: model.apply(params, x[None], tt[None], train=True, rngs={"dropout": k})[0]
-        return jax.vmap(apply_one)(x_t, t, dropout_keys)
+        # each example's dropout masks come from its own key: they depend on its id, not on the device count
+        return model.apply(params, x_t, t, train=True, dropout_keys=dropout_keys)
 
       return jnp.mean(dm.training_losses(d, model_fn, x_start=x_start, t=t, noise=noise))
 

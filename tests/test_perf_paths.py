@@ -105,14 +105,51 @@ def test_remat_changes_neither_params_nor_outputs_nor_gradients():
       lambda: m.init(jax.random.key(0), x, t, train=False)))
   assert shapes(plain) == shapes(remat)  # same names: checkpoints and converters keep working
 
-  def loss(model):
-    rngs = {"dropout": jax.random.key(5)}  # dropout on: remat must redraw the same masks
-    return jax.jit(jax.value_and_grad(lambda p: jnp.mean(model.apply(p, x, t, train=True, rngs=rngs) ** 2)))
+  keys = jax.random.split(jax.random.key(5), len(t))
+
+  def loss(model):  # dropout on, both sources of masks: remat must redraw the same ones
+    rngs = {"dropout": jax.random.key(6)}
+    per_batch = lambda p: jnp.mean(model.apply(p, x, t, train=True, rngs=rngs) ** 2)
+    per_example = lambda p: jnp.mean(model.apply(p, x, t, train=True, dropout_keys=keys) ** 2)
+    return jax.jit(jax.value_and_grad(lambda p: per_batch(p) + per_example(p)))
 
   (value, grads), (value_r, grads_r) = loss(plain)(params), loss(remat)(params)
   np.testing.assert_allclose(value_r, value, rtol=1e-6)
   for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_r)):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- per-example dropout
+
+
+def test_per_example_dropout_depends_on_the_example_key_only():
+  """The train step's dropout (no vmap over the network): a batch gives what its halves give, per example."""
+  model, params = tiny_model(dropout=0.3)
+  x, t = inputs(batch=4)
+  keys = jax.random.split(jax.random.key(7), 4)
+  apply = jax.jit(lambda p, x, t, k: model.apply(p, x, t, train=True, dropout_keys=k))
+  whole = apply(params, x, t, keys)
+  halves = jnp.concatenate([apply(params, x[:2], t[:2], keys[:2]), apply(params, x[2:], t[2:], keys[2:])])
+  np.testing.assert_allclose(whole, halves, rtol=1e-5, atol=1e-5)
+  other = apply(params, x, t, keys[::-1])  # other keys, other masks (dropout is on) ...
+  assert float(jnp.abs(other - whole).max()) > 1e-3
+  evaluation = jax.jit(lambda p: model.apply(p, x, t, train=False))(params)
+  assert float(jnp.abs(evaluation - whole).max()) > 1e-3
+  # ... and an example's output depends on its own key alone: swap two examples with their keys.
+  swapped = apply(params, x[jnp.array([1, 0, 2, 3])], t[jnp.array([1, 0, 2, 3])], keys[jnp.array([1, 0, 2, 3])])
+  np.testing.assert_allclose(swapped[jnp.array([1, 0, 2, 3])], whole, rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_keeps_each_value_with_probability_1_minus_rate_and_rescales():
+  dropout = unet.Dropout(0.25)
+  x = jnp.ones((64, 8, 8, 4))
+  keys = jax.random.split(jax.random.key(0), 64)
+  y = dropout.apply({}, x, deterministic=False, keys=keys)
+  kept = np.asarray(y) != 0
+  assert abs(kept.mean() - 0.75) < 0.01
+  np.testing.assert_allclose(np.asarray(y)[kept], 1 / 0.75, rtol=1e-6)
+  assert not np.array_equal(kept[0], kept[1])  # examples get different masks
+  np.testing.assert_array_equal(dropout.apply({}, x, deterministic=True, keys=keys), x)
 
 
 # ----------------------------------------------------------------------------- bfloat16
