@@ -28,6 +28,8 @@ from ddpm_jax.errors import CheckpointError
 
 # Sections whose change makes a checkpoint a different model (data.* shapes included).
 MODEL_KEYS = ("model", "diffusion", "data.image_size", "data.num_channels")
+# How the model computes, not what it computes: a run may resume or be evaluated with other values.
+COMPUTE_ONLY_KEYS = ("model.remat", "model.dtype")
 # In each step folder: the size and SHA-256 of every other file, written once orbax has committed the step.
 DIGEST_FILE = "ddpm_jax_digests.json"
 _OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
@@ -373,7 +375,8 @@ def check_compatible(saved: dict, config: ml_collections.ConfigDict, *, source: 
     old, new = _normalise(_get(saved, key)), _normalise(_get(current, key))
     if isinstance(old, dict) and isinstance(new, dict):
       diffs += [f"{key}.{k}: {old.get(k)!r} -> {new.get(k)!r}"
-                for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+                for k in sorted(set(old) | set(new))
+                if old.get(k) != new.get(k) and f"{key}.{k}" not in COMPUTE_ONLY_KEYS]
     elif old != new:
       diffs.append(f"{key}: {old!r} -> {new!r}")
   if diffs:

@@ -88,6 +88,43 @@ def global_batch(local_batch: np.ndarray, mesh: Mesh, batch_axis: int = 0) -> ja
   return jax.make_array_from_process_local_data(batch_sharded(mesh, batch_axis), local_batch)
 
 
+class DevicePrefetcher:
+  """Global batches placed on the devices one dispatch ahead, so the next batch's host read and
+  host->device copy overlap the step that is running.
+
+  `take(n)` returns the next n host batches stacked as one global array [n, B, ...] (sharded on
+  axis 1); `prefetch(n)` reads and places the following n now. The host iterator thus runs ahead of
+  what was handed out: `rewind()` sets it back to just after the last batch handed out (dropping what
+  was read ahead), so its `get_state()` is the position a checkpoint must hold.
+  """
+
+  def __init__(self, host_iterator, mesh: Mesh):
+    self._iterator = host_iterator
+    self._mesh = mesh
+    self._ahead = None  # (n, global array, host iterator state before it was read)
+
+  def _read(self, n: int) -> jax.Array:
+    return global_batch(np.stack([next(self._iterator) for _ in range(n)]), self._mesh, batch_axis=1)
+
+  def prefetch(self, n: int) -> None:
+    if n > 0 and self._ahead is None:
+      state = self._iterator.get_state()
+      self._ahead = (n, self._read(n), state)
+
+  def take(self, n: int) -> jax.Array:
+    if self._ahead is not None and self._ahead[0] != n:
+      self.rewind()
+    if self._ahead is None:
+      return self._read(n)
+    batch, self._ahead = self._ahead[1], None
+    return batch
+
+  def rewind(self) -> None:
+    if self._ahead is not None:
+      self._iterator.set_state(self._ahead[2])
+      self._ahead = None
+
+
 def to_host(x) -> np.ndarray:
   """The full value of a (possibly multi-host) array as NumPy on every process."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:

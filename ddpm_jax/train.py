@@ -58,11 +58,8 @@ def make_train_step(model, d: dm.Diffusion, tx, mesh, *, ema_decay: float, lr_fn
 
     def loss_fn(params):
       def model_fn(x_t, t):
-        if not model.dropout:
-          return model.apply(params, x_t, t, train=True)
-        # vmapped over examples, so each example's dropout mask depends on its id, not on the device count
-        apply_one = lambda x, tt, k: model.apply(params, x[None], tt[None], train=True, rngs={"dropout": k})[0]
-        return jax.vmap(apply_one)(x_t, t, dropout_keys)
+        # each example's dropout masks come from its own key: they depend on its id, not on the device count
+        return model.apply(params, x_t, t, train=True, dropout_keys=dropout_keys)
 
       return jnp.mean(dm.training_losses(d, model_fn, x_start=x_start, t=t, noise=noise))
 
@@ -225,11 +222,12 @@ def train_and_evaluate(config, workdir: str):
                    newest_checkpoint=lambda: checkpoint.newest_on_disk(manager))
   k = c.steps_per_dispatch
   crossed = lambda every, before, after: bool(every) and after // every > before // every
+  batches = parallel.DevicePrefetcher(data_iterator, mesh)
   with _Preemption(install=jax.process_count() == 1) as preemption:
     while step < c.num_steps:
       n = min(k, c.num_steps - step)
-      local = np.stack([next(data_iterator) for _ in range(n)])
-      state, metrics = train_step(state, parallel.global_batch(local, mesh, batch_axis=1))
+      state, metrics = train_step(state, batches.take(n))
+      batches.prefetch(min(k, c.num_steps - step - n))  # while the step just dispatched runs
       logger.add(step, metrics)
       manager.seal_finished()  # digests of a checkpoint whose background write has just committed
       step, before = step + n, step
@@ -240,6 +238,7 @@ def train_and_evaluate(config, workdir: str):
         logger.report(step)
       if crossed(c.checkpoint_every, before, step) or done or preempted:
         logger.check_finite()
+        batches.rewind()  # the checkpoint holds the data position of the steps taken, not of the read-ahead
         checkpoint.save(manager, state=state, data_iterator=data_iterator, config=config, force=True)
       if preempted:
         manager.wait_until_finished()

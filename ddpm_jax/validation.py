@@ -118,6 +118,8 @@ def check_model(config, mode: str):
   """The U-Net's own checks (levels, channels vs GroupNorm, image size, attention resolutions)."""
   del mode
   _bool(config.model, "model", "resamp_with_conv")
+  if "remat" in config.model:
+    _bool(config.model, "model", "remat")
   unet.create_model(config.model, image_size=config.data.image_size, num_channels=config.data.num_channels,
                     learned_variance=config.diffusion.var_type in dm.LEARNED_VAR_TYPES)
 

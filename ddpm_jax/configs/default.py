@@ -28,6 +28,9 @@ def get_config():
   model.dropout = 0.1
   model.resamp_with_conv = True
   model.dtype = "float32"  # compute dtype: float32 | bfloat16; parameters stay float32
+  # Recompute each ResNet/attention block's activations in the backward pass instead of storing them:
+  # less device memory (the 256x256 model at large batches) for about one more forward pass of compute.
+  model.remat = False
 
   config.diffusion = diffusion = ml_collections.ConfigDict()
   diffusion.beta_schedule = "linear"  # linear | quad | const | jsd | warmup10 | warmup50 | cosine

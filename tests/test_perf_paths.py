@@ -1,0 +1,292 @@
+"""Every faster path computes what the plain float32 path computes: fused attention, remat, the XLA:CPU
+flags main sets, bfloat16 compute (loosely), and batches prefetched to the devices."""
+
+import math
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jaxlib import version as jaxlib_version
+
+from conftest import REPO, tiny_config
+from ddpm_jax import data, parallel
+from ddpm_jax import main as main_lib
+from ddpm_jax import state as state_lib
+from ddpm_jax.models import unet
+
+
+def random_params(params, seed):
+  """The same tree with every leaf random and O(1)-preserving (near-zero layers become active)."""
+  leaves, treedef = jax.tree.flatten(params)
+  rng = np.random.default_rng(seed)
+  out = []
+  for leaf in leaves:
+    noise = rng.standard_normal(leaf.shape).astype(np.float32)
+    out.append(noise / math.sqrt(np.prod(leaf.shape[:-1])) if leaf.ndim > 1 else 1.0 + 0.1 * noise)
+  return jax.tree.unflatten(treedef, out)
+
+
+def tiny_model(**overrides):
+  config = tiny_config(**{f"model__{k}": v for k, v in overrides.items()})
+  model = state_lib.build(config).model
+  x = jnp.zeros((1, 8, 8, 1))
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), x, jnp.zeros((1,), jnp.int32), train=False))
+  return model, random_params(params, seed=1)
+
+
+def inputs(batch=4, seed=2):
+  x = jax.random.uniform(jax.random.key(seed), (batch, 8, 8, 1), minval=-1, maxval=1)
+  return x, jnp.arange(batch) * 3
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def explicit_attention(params, x):
+  """REFERENCE.md's attention block written out: GroupNorm(32), q/k/v, softmax(q k^T / sqrt(C)) v, proj, residual."""
+  b, h, w, c = x.shape
+  groups = x.reshape(b, h, w, 32, c // 32)
+  mean = groups.mean(axis=(1, 2, 4), keepdims=True)
+  var = ((groups - mean) ** 2).mean(axis=(1, 2, 4), keepdims=True)
+  normed = ((groups - mean) / jnp.sqrt(var + 1e-6)).reshape(b, h, w, c) * params["norm"]["scale"] + params["norm"]["bias"]
+  dense = lambda name, v: v @ params[name]["kernel"] + params[name]["bias"]
+  q, k, v = (dense(n, normed).reshape(b, h * w, c) for n in "qkv")
+  weights = jax.nn.softmax(jnp.einsum("bic,bjc->bij", q, k) / math.sqrt(c), axis=-1)
+  return x + dense("proj_out", jnp.einsum("bij,bjc->bic", weights, v).reshape(b, h, w, c))
+
+
+def test_fused_attention_block_equals_the_explicit_formulation():
+  block = unet.AttnBlock()
+  x = jax.random.normal(jax.random.key(0), (2, 4, 4, 64))
+  params = random_params(jax.eval_shape(block.init, jax.random.key(0), x), seed=3)["params"]
+  apply = jax.jit(lambda p, x: block.apply({"params": p}, x))
+  reference = jax.jit(explicit_attention)
+  np.testing.assert_allclose(apply(params, x), reference(params, x), rtol=1e-5, atol=1e-5)
+  grad = jax.jit(jax.grad(lambda p, x: jnp.sum(jnp.sin(block.apply({"params": p}, x))), argnums=(0, 1)))
+  grad_ref = jax.jit(jax.grad(lambda p, x: jnp.sum(jnp.sin(explicit_attention(p, x))), argnums=(0, 1)))
+  grads, grads_ref = jax.tree.leaves(grad(params, x)), jax.tree.leaves(grad_ref(params, x))
+  scale = max(float(np.abs(g).max()) for g in grads_ref)  # (the k bias's gradient is 0 up to rounding)
+  for a, b in zip(grads, grads_ref):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * scale)
+
+
+@pytest.mark.parametrize("platform, capability, dtype, head_dim, expected", [
+    ("cpu", None, jnp.bfloat16, 256, "xla"),
+    ("gpu", "9.0", jnp.bfloat16, 256, "cudnn"),  # H100: head dims up to 256
+    ("gpu", "9.0", jnp.float16, 128, "cudnn"),
+    ("gpu", "9.0", jnp.float32, 256, "xla"),  # cuDNN's fused kernel takes 16-bit inputs only
+    ("gpu", "9.0", jnp.bfloat16, 512, "xla"),  # the 256x256 model's 512-channel attention
+    ("gpu", "8.0", jnp.bfloat16, 256, "xla"),  # A100: up to 128
+    ("gpu", "8.0", jnp.bfloat16, 128, "cudnn"),
+    ("gpu", "8.0", jnp.bfloat16, 100, "xla"),  # not a multiple of 8
+    ("gpu", "7.5", jnp.bfloat16, 64, "xla"),  # pre-Ampere
+    ("gpu", "gfx90a", jnp.bfloat16, 64, "xla"),  # ROCm
+    ("tpu", None, jnp.bfloat16, 256, "xla"),
+])
+def test_attention_uses_cudnn_only_where_cudnn_takes_the_call(platform, capability, dtype, head_dim, expected):
+  assert unet.attention_implementation(platform=platform, compute_capability=capability, dtype=dtype,
+                                       head_dim=head_dim) == expected
+
+
+# ----------------------------------------------------------------------------- remat
+
+
+def test_remat_changes_neither_params_nor_outputs_nor_gradients():
+  plain, params = tiny_model(dropout=0.1)
+  remat, _ = tiny_model(dropout=0.1, remat=True)
+  assert remat.remat and not plain.remat
+  x, t = inputs()
+  shapes = lambda m: jax.tree.map(lambda a: a.shape, jax.eval_shape(
+      lambda: m.init(jax.random.key(0), x, t, train=False)))
+  assert shapes(plain) == shapes(remat)  # same names: checkpoints and converters keep working
+
+  keys = jax.random.split(jax.random.key(5), len(t))
+
+  def loss(model):  # dropout on, both sources of masks: remat must redraw the same ones
+    rngs = {"dropout": jax.random.key(6)}
+    per_batch = lambda p: jnp.mean(model.apply(p, x, t, train=True, rngs=rngs) ** 2)
+    per_example = lambda p: jnp.mean(model.apply(p, x, t, train=True, dropout_keys=keys) ** 2)
+    return jax.jit(jax.value_and_grad(lambda p: per_batch(p) + per_example(p)))
+
+  (value, grads), (value_r, grads_r) = loss(plain)(params), loss(remat)(params)
+  np.testing.assert_allclose(value_r, value, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_r)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+
+
+def test_a_checkpoint_resumes_with_other_compute_settings_but_not_another_model():
+  """remat and the compute dtype change how the same parameters are used; a checkpoint written before
+  model.remat existed (no such key) must still resume. Another width must still be refused."""
+  from ddpm_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  saved = tiny_config().to_dict()
+  del saved["model"]["remat"]
+  saved["model"]["dtype"] = "bfloat16"
+  checkpoint.check_compatible(saved, tiny_config(model__remat=True), source="step 2")
+  with pytest.raises(checkpoint.CheckpointError, match=r"model\.ch: 32 -> 64"):
+    checkpoint.check_compatible(saved, tiny_config(model__ch=64, model__remat=True), source="step 2")
+
+
+# ----------------------------------------------------------------------------- per-example dropout
+
+
+def test_per_example_dropout_depends_on_the_example_key_only():
+  """The train step's dropout (no vmap over the network): a batch gives what its halves give, per example."""
+  model, params = tiny_model(dropout=0.3)
+  x, t = inputs(batch=4)
+  keys = jax.random.split(jax.random.key(7), 4)
+  apply = jax.jit(lambda p, x, t, k: model.apply(p, x, t, train=True, dropout_keys=k))
+  whole = apply(params, x, t, keys)
+  halves = jnp.concatenate([apply(params, x[:2], t[:2], keys[:2]), apply(params, x[2:], t[2:], keys[2:])])
+  np.testing.assert_allclose(whole, halves, rtol=1e-5, atol=1e-5)
+  other = apply(params, x, t, keys[::-1])  # other keys, other masks (dropout is on) ...
+  assert float(jnp.abs(other - whole).max()) > 1e-3
+  evaluation = jax.jit(lambda p: model.apply(p, x, t, train=False))(params)
+  assert float(jnp.abs(evaluation - whole).max()) > 1e-3
+  # ... and an example's output depends on its own key alone: swap two examples with their keys.
+  swapped = apply(params, x[jnp.array([1, 0, 2, 3])], t[jnp.array([1, 0, 2, 3])], keys[jnp.array([1, 0, 2, 3])])
+  np.testing.assert_allclose(swapped[jnp.array([1, 0, 2, 3])], whole, rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_keeps_each_value_with_probability_1_minus_rate_and_rescales():
+  dropout = unet.Dropout(0.25)
+  x = jnp.ones((64, 8, 8, 4))
+  keys = jax.random.split(jax.random.key(0), 64)
+  y = dropout.apply({}, x, deterministic=False, keys=keys)
+  kept = np.asarray(y) != 0
+  assert abs(kept.mean() - 0.75) < 0.01
+  np.testing.assert_allclose(np.asarray(y)[kept], 1 / 0.75, rtol=1e-6)
+  assert not np.array_equal(kept[0], kept[1])  # examples get different masks
+  np.testing.assert_array_equal(dropout.apply({}, x, deterministic=True, keys=keys), x)
+
+
+# ----------------------------------------------------------------------------- bfloat16
+
+
+def test_bfloat16_compute_is_close_to_float32_in_outputs_and_gradients():
+  """Stated tolerance: outputs within 5% of the output scale, gradients with cosine similarity >= 0.99."""
+  model32, params = tiny_model()
+  model16, _ = tiny_model(dtype="bfloat16")
+  x, t = inputs()
+  grad = lambda m: jax.jit(jax.grad(lambda p: jnp.mean((m.apply(p, x, t, train=False) - x) ** 2)))(params)
+  out32 = jax.jit(lambda p: model32.apply(p, x, t, train=False))(params)
+  out16 = jax.jit(lambda p: model16.apply(p, x, t, train=False))(params)
+  assert out16.dtype == jnp.float32
+  assert float(jnp.abs(out16 - out32).max()) <= 0.05 * float(jnp.abs(out32).max())
+  g32 = jnp.concatenate([g.ravel() for g in jax.tree.leaves(grad(model32))])
+  g16 = jnp.concatenate([g.ravel() for g in jax.tree.leaves(grad(model16))])
+  assert g16.dtype == jnp.float32
+  cosine = float(g16 @ g32 / (jnp.linalg.norm(g16) * jnp.linalg.norm(g32)))
+  assert cosine >= 0.99, cosine
+
+
+# ----------------------------------------------------------------------------- XLA:CPU flags
+
+_FLAGS_PROBE = """
+import sys
+sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
+import jax, jax.numpy as jnp, numpy as np
+import test_perf_paths as t
+model, params = t.tiny_model(dropout=0.0)
+x, ts = t.inputs()
+out = jax.jit(lambda p: model.apply(p, x, ts, train=False))(params)
+grads = jax.jit(jax.grad(lambda p: jnp.mean((model.apply(p, x, ts, train=True) - x) ** 2)))(params)
+np.savez(sys.argv[1], out=out, grads=np.concatenate([g.ravel() for g in jax.tree.leaves(grads)]))
+"""
+
+
+def test_cpu_xla_flags_leave_outputs_and_gradients_unchanged(tmp_path):
+  """The same computation in two processes, XLA_FLAGS without and with main's CPU flags."""
+  flags = main_lib.with_cpu_xla_flags("", jaxlib_version=jaxlib_version.__version__)
+  assert flags, "this jaxlib gets no CPU flags; the test would compare a run with itself"
+  script = _FLAGS_PROBE.format(repo=REPO, tests=os.path.join(REPO, "tests"))
+  results = {}
+  for name, xla_flags in (("plain", ""), ("flags", flags)):
+    env = dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS="cpu")
+    out = tmp_path / f"{name}.npz"
+    proc = subprocess.run([sys.executable, "-c", script, str(out)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results[name] = np.load(out)
+  plain, fast = results["plain"], results["flags"]
+  scale = np.abs(plain["out"]).max()
+  assert scale > 0.1
+  np.testing.assert_allclose(fast["out"], plain["out"], rtol=1e-5, atol=1e-5 * scale)
+  np.testing.assert_allclose(fast["grads"], plain["grads"], rtol=1e-4, atol=1e-5 * np.abs(plain["grads"]).max())
+
+
+def test_cpu_flags_are_added_for_cpu_runs_only_and_never_override_the_user():
+  version = "".join(main_lib.CPU_XLA_FLAGS_JAXLIB[:1]) + "0"
+  flag = main_lib.CPU_XLA_FLAGS[0]
+  name = flag.split("=")[0]
+  assert main_lib.will_run_on_cpu({"JAX_PLATFORMS": "cpu"})
+  assert not main_lib.will_run_on_cpu({"JAX_PLATFORMS": "cuda"})
+  assert not main_lib.will_run_on_cpu({"JAX_PLATFORMS": "tpu,cpu"})
+  added = main_lib.with_cpu_xla_flags("--xla_force_host_platform_device_count=2", jaxlib_version=version)
+  assert added.startswith("--xla_force_host_platform_device_count=2 ") and flag in added
+  mine = f"{name}=-reduce"
+  assert main_lib.with_cpu_xla_flags(mine, jaxlib_version=version) == mine  # the user's setting wins
+  assert main_lib.with_cpu_xla_flags("", jaxlib_version="99.0.0") == ""  # unmeasured jaxlib: nothing added
+  environ = {"JAX_PLATFORMS": "cuda", "XLA_FLAGS": "--a=1"}
+  main_lib.set_cpu_xla_flags(environ)
+  assert environ["XLA_FLAGS"] == "--a=1"
+
+
+# ----------------------------------------------------------------------------- prefetching
+
+
+def test_prefetched_batches_are_the_batches_and_rewind_restores_the_position():
+  config = tiny_config(training__batch_size=8)
+  fresh = lambda: data.train_iterator(config.data, global_batch_size=8, seed=0)
+  expected = [next(it) for it in [fresh()] for _ in range(7)]
+  mesh = parallel.make_mesh()
+  iterator = fresh()
+  batches = parallel.DevicePrefetcher(iterator, mesh)
+  got = [batches.take(1)]
+  batches.prefetch(1)
+  got.append(batches.take(1))
+  batches.prefetch(2)
+  got.append(batches.take(2))  # steps 3 and 4 in one dispatch
+  batches.prefetch(2)  # read ahead: steps 5 and 6 ...
+  batches.rewind()  # ... given back: the iterator stands after step 4, as a checkpoint needs
+  reference = fresh()
+  for _ in range(4):
+    next(reference)
+  assert iterator.get_state() == reference.get_state()
+  batches.prefetch(1)
+  got.append(batches.take(2))  # a different count than prefetched: read again, same batches
+  got.append(batches.take(1))
+  flat = [np.asarray(g)[i] for g in got for i in range(g.shape[0])]
+  assert len(flat) == 7 and all(g.shape == (8, 8, 8, 1) for g in flat)
+  for a, b in zip(flat, expected):
+    np.testing.assert_array_equal(a, b)
+
+
+# ----------------------------------------------------------------------------- GroupNorm
+
+
+@pytest.mark.parametrize("shape, dtype", [((2, 8, 8, 64), "float32"), ((3, 4, 4, 256), "float32"),
+                                          ((2, 8, 8, 64), "bfloat16")])
+def test_group_norm_equals_flax_group_norm(shape, dtype):
+  """Same function and parameter tree as nn.GroupNorm(32, eps 1e-6, two-pass variance); bfloat16 to its precision."""
+  ours = unet.GroupNorm(dtype=unet.DTYPES[dtype])
+  flax_gn = nn.GroupNorm(num_groups=32, epsilon=1e-6, use_fast_variance=False, dtype=unet.DTYPES[dtype])
+  x = (jax.random.normal(jax.random.key(0), shape) * 3 + 1).astype(unet.DTYPES[dtype])
+  params = ours.init(jax.random.key(1), x)
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, flax_gn.init(jax.random.key(1), x))
+  params = random_params(params, seed=4)
+  loss = lambda m: jax.jit(jax.value_and_grad(lambda p, x: jnp.sum(jnp.sin(m.apply(p, x).astype(jnp.float32))),
+                                              argnums=(0, 1)))
+  out, out_ref = ours.apply(params, x), flax_gn.apply(params, x)
+  assert out.dtype == out_ref.dtype == unet.DTYPES[dtype]
+  tol = 1e-5 if dtype == "float32" else 1e-2
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(out_ref, np.float32), rtol=tol, atol=tol)
+  (value, grads), (value_ref, grads_ref) = loss(ours)(params, x), loss(flax_gn)(params, x)
+  np.testing.assert_allclose(value, value_ref, rtol=tol)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.abs(b).max())
