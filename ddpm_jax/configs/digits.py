@@ -1,7 +1,10 @@
 """The built-in offline dataset: scikit-learn's 1,797 handwritten digits at 16x16, one channel.
 
-A ~1M-parameter U-Net that learns clean digits in a few minutes on a laptop CPU; the
-README's first command. Everything else is the paper's recipe (eps / fixedlarge / L_simple).
+A 1.1M-parameter U-Net that learns clean digits in about five minutes on a 2-core CPU; the README's
+first command. Everything else is the paper's recipe (eps / fixedlarge / L_simple). Tuned with
+bench/digits_quality.py (README "Benchmarks"): at 3,000 steps a third level (4x4) lifted the samples'
+confidence from 0.87 to 0.91 (real digits: 0.94); 2,000 steps gave 0.88, a fourth level no more, an
+EMA of 0.9995 or a learning rate of 2e-3 no better.
 """
 
 from ddpm_jax.configs import default
@@ -14,7 +17,7 @@ def get_config():
   config.data.num_channels = 1
   config.data.random_flip = False  # digits are not mirror-symmetric
   config.model.ch = 32
-  config.model.ch_mult = (1, 2)
+  config.model.ch_mult = (1, 2, 2)  # 16, 8, 4: the 4x4 level shapes whole digits
   config.model.num_res_blocks = 1
   config.model.attn_resolutions = (8,)
   config.model.dropout = 0.0  # no dropout: a short run does not overfit, and each step is cheaper
@@ -23,14 +26,14 @@ def get_config():
   config.diffusion.beta_start = 5e-4
   config.diffusion.beta_end = 0.1
   config.training.batch_size = 32
-  config.training.num_steps = 1500
+  config.training.num_steps = 3000
   config.training.learning_rate = 1e-3
   config.training.warmup_steps = 100
-  config.training.ema_decay = 0.995
+  config.training.ema_decay = 0.999
   config.training.log_every = 100
   config.training.sample_every = 0  # no grid during training; one at the end
   config.training.num_grid_samples = 100
-  config.training.checkpoint_every = 500
+  config.training.checkpoint_every = 1000
   config.sampling.batch_size = 100
   config.sampling.num_samples = 100
   config.interpolation.timesteps = (50, 100, 150, 200)  # the paper's 250 .. 1000 of T = 1000, at T = 200
