@@ -28,7 +28,6 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-from ddpm_jax import main as main_lib  # pylint: disable=g-import-not-at-top
 from ddpm_jax import parallel, sampling, train  # pylint: disable=g-import-not-at-top
 from ddpm_jax import state as state_lib  # pylint: disable=g-import-not-at-top
 
@@ -78,7 +77,7 @@ def peak_memory():
   return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
 
 
-def bench_train(config, *, steps):
+def bench_train(config, *, steps, cpu_options=True):
   built = state_lib.build(config)
   mesh = parallel.make_mesh()
   shape = state_lib.image_shape(config)
@@ -87,7 +86,7 @@ def bench_train(config, *, steps):
   state = jax.jit(functools.partial(state_lib.init_state, built.model, built.tx, seed=0, shape=shape),
                   out_shardings=parallel.replicated(mesh))()
   step_fn = train.make_train_step(built.model, built.diffusion, built.tx, mesh, ema_decay=config.training.ema_decay,
-                                  lr_fn=built.lr_fn)
+                                  lr_fn=built.lr_fn, cpu_options=cpu_options)
   images = np.random.default_rng(0).integers(0, 256, (k, batch) + shape).astype(np.uint8)
   batches = parallel.global_batch(images, mesh, batch_axis=1)
   t0 = time.perf_counter()
@@ -164,12 +163,10 @@ def main():
   parser.add_argument("--sample_T", type=int, default=10, help="loop length for the per-step sampling rate")
   parser.add_argument("--full_T", type=int, default=0, help="also time the whole sampler at this T (0: skip)")
   parser.add_argument("--compile_T", default="10,1000", help="sampler loop lengths whose compile time is compared")
-  parser.add_argument("--no_cpu_flags", action="store_true", help="without the XLA:CPU flags main sets on CPU")
+  parser.add_argument("--no_cpu_options", action="store_true",
+                      help="compile the train step without its XLA:CPU options (ddpm_jax.xla_cpu)")
   parser.add_argument("--json", default=os.path.join(REPO, "bench", "results", "step_throughput.json"))
   args = parser.parse_args()
-  if not args.no_cpu_flags:
-    main_lib.set_cpu_xla_flags(os.environ)  # as `python -m ddpm_jax.main` does, before JAX starts a backend
-
   config = load_config(args.config, args.set)
   if args.batch:
     config.training.batch_size = args.batch
@@ -186,7 +183,7 @@ def main():
   result = dict(config=args.config, overrides=args.set, device=device.device_kind, platform=device.platform,
                 device_count=jax.device_count(), dtype=config.model.dtype, matmul_flops_per_s=peak,
                 xla_flags=os.environ.get("XLA_FLAGS", ""))
-  result["train"] = tr = bench_train(config, steps=args.steps)
+  result["train"] = tr = bench_train(config, steps=args.steps, cpu_options=not args.no_cpu_options)
   achieved = tr["images_per_s"] * tr["flops_per_image"]
   print(f"\n| train step | batch | steps/dispatch | compile s | s/step | steps/s | images/s | GFLOP/image | "
         f"achieved GFLOP/s | of matmul peak |\n|---|---|---|---|---|---|---|---|---|---|")

@@ -10,7 +10,7 @@ same network on both sides). The machine's load average is recorded before and a
 a busy machine distorts the ratio (PyTorch suffers more from competing processes than XLA).
 
 usage: python bench/vs_diffusers.py [--batch=16] [--rounds=3] [--steps=5] [--what=forward,train]
-         [--dtype=float32|bfloat16] [--xla_cpu_flags=on|off|both] [--json=PATH]
+         [--dtype=float32|bfloat16] [--cpu_options=on|off|both] [--json=PATH]
 """
 
 import argparse
@@ -62,11 +62,6 @@ def _cifar10_config(*, batch, dtype):
   return config
 
 
-def _project_flags():
-  from ddpm_jax import main as main_lib  # pylint: disable=g-import-not-at-top
-  return main_lib.CPU_XLA_FLAGS
-
-
 # ----------------------------------------------------------------------------- workers
 
 
@@ -76,7 +71,7 @@ def jax_worker(spec):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from ddpm_jax import parallel, train  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import parallel, train, xla_cpu  # pylint: disable=g-import-not-at-top
   from ddpm_jax import state as state_lib  # pylint: disable=g-import-not-at-top
 
   batch = spec["batch"]
@@ -109,13 +104,14 @@ def jax_worker(spec):
     out["forward_step_s"] = [_median_time(lambda: forward(state.params, x, t).block_until_ready(), 1)
                              for _ in range(spec["steps"])]
   if "train" in spec["what"]:
-    step_fn = train.make_train_step(built.model, built.diffusion, built.tx, mesh,
-                                    ema_decay=EMA_DECAY, lr_fn=built.lr_fn)
+    step_fn = train.make_train_step(built.model, built.diffusion, built.tx, mesh, ema_decay=EMA_DECAY,
+                                    lr_fn=built.lr_fn, cpu_options=spec["cpu_options"])
     images = rng.integers(0, 256, (1, batch) + shape).astype(np.uint8)
     batches = parallel.global_batch(images, mesh, batch_axis=1)
     t0 = time.perf_counter()
     step_fn = step_fn.lower(state, batches).compile()
     out["train_compile_s"] = time.perf_counter() - t0
+    out["train_step_options"] = xla_cpu.train_step_options(mesh) if spec["cpu_options"] else None
     out["train_flops_per_image"] = _flops(step_fn) / batch
     t0 = time.perf_counter()
     for _ in range(spec["warmup"]):
@@ -211,24 +207,16 @@ def torch_worker(spec):
 # ----------------------------------------------------------------------------- the driver
 
 
-def _strip_flags(xla_flags, names):
-  return " ".join(f for f in xla_flags.split() if f.split("=")[0] not in names)
-
-
 def _sides(args):
-  """(label, worker, XLA_FLAGS) for each measured side, in the order of the first round."""
-  base = os.environ.get("XLA_FLAGS", "")
-  project = _project_flags()
-  names = {f.split("=")[0] for f in project}
-  off = _strip_flags(base, names)
-  on = " ".join([off, *project, args.extra_xla_flags]).strip()
-  off = " ".join([off, args.extra_xla_flags]).strip() if args.xla_cpu_flags == "off" else off
+  """(label, worker, XLA_FLAGS, the train step's CPU options on?) per measured side, first round's order."""
+  jax_flags = " ".join([os.environ.get("XLA_FLAGS", ""), args.extra_xla_flags]).strip()
   sides = []
-  if args.xla_cpu_flags in ("on", "both"):
-    sides.append(("ddpm_jax" if args.xla_cpu_flags == "on" else "ddpm_jax (CPU flags on)", "jax", on))
-  if args.xla_cpu_flags in ("off", "both"):
-    sides.append(("ddpm_jax" if args.xla_cpu_flags == "off" else "ddpm_jax (CPU flags off)", "jax", off))
-  sides.append(("diffusers", "torch", base))
+  for on in (True, False):
+    if args.cpu_options == "both":
+      sides.append((f"ddpm_jax (CPU options {'on' if on else 'off'})", "jax", jax_flags, on))
+    elif args.cpu_options == ("on" if on else "off"):
+      sides.append(("ddpm_jax", "jax", jax_flags, on))
+  sides.append(("diffusers", "torch", os.environ.get("XLA_FLAGS", ""), False))
   return sides
 
 
@@ -257,7 +245,6 @@ def _summarise(rounds, labels, what, batch):
   for label in labels:
     for kind in what:
       medians = [statistics.median(r[label][f"{kind}_step_s"]) for r in rounds]
-      flops = statistics.median(r[label].get(f"{kind}_flops_per_image", float("nan")) for r in rounds)
       summary.setdefault(label, {})[kind] = dict(
           median_step_s=statistics.median(medians), round_medians_s=medians,
           images_per_s=batch / statistics.median(medians))
@@ -300,8 +287,8 @@ def main():
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (JAX compiles before them)")
   parser.add_argument("--what", default="forward,train")
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-  parser.add_argument("--xla_cpu_flags", default="on", choices=["on", "off", "both"],
-                      help="the project's XLA:CPU flags (ddpm_jax.main.CPU_XLA_FLAGS) on the JAX side")
+  parser.add_argument("--cpu_options", default="on", choices=["on", "off", "both"],
+                      help="the train step's XLA:CPU compile options (ddpm_jax.xla_cpu) on the JAX side")
   parser.add_argument("--extra_xla_flags", default="", help="more XLA flags for the JAX side (experiments)")
   parser.add_argument("--gpu", action="store_true", help="let JAX use an accelerator (default: JAX_PLATFORMS=cpu)")
   parser.add_argument("--json", default=os.path.join(REPO, "bench", "results", "vs_diffusers.json"))
@@ -316,15 +303,15 @@ def main():
   what = [w for w in args.what.split(",") if w]
   spec = dict(batch=args.batch, steps=args.steps, warmup=args.warmup, what=what, dtype=args.dtype, cpu=not args.gpu)
   sides = _sides(args)
-  labels = [label for label, _, _ in sides]
+  labels = [label for label, *_ in sides]
   rounds, load = [], []
   for r in range(args.rounds):
     order = sides if r % 2 == 0 else sides[::-1]
     load_before = os.getloadavg()[0]
     results = {}
-    for label, worker, xla_flags in order:
+    for label, worker, xla_flags, cpu_options in order:
       print(f"round {r + 1}/{args.rounds}: {label} ...", file=sys.stderr, flush=True)
-      results[label] = _run_worker(worker, spec, xla_flags)
+      results[label] = _run_worker(worker, dict(spec, cpu_options=cpu_options), xla_flags)
     rounds.append(results)
     load.append((load_before, os.getloadavg()[0]))
   flops_per_image = {kind: rounds[0][labels[0]][f"{kind}_flops_per_image"] for kind in what}
@@ -332,8 +319,10 @@ def main():
   print(f"\nddpm_jax vs diffusers UNet2DModel, CIFAR10 model, {args.dtype}, batch {args.batch}, "
         f"{args.rounds} rounds x {args.steps} timed steps; machine: {_machine()['cpu']} ({os.cpu_count()} cores); "
         f"1-min load average per round: {', '.join(f'{a:.1f}-{b:.1f}' for a, b in load)}")
-  for label, _, xla_flags in sides:
-    print(f"  {label}: {rounds[0][label]['framework']}" + (f", XLA_FLAGS='{xla_flags}'" if xla_flags else ""))
+  for label, _, xla_flags, _ in sides:
+    options = rounds[0][label].get("train_step_options")
+    print(f"  {label}: {rounds[0][label]['framework']}" + (f", XLA_FLAGS='{xla_flags}'" if xla_flags else "")
+          + (f", train step compiled with {options}" if options else ""))
   _print_table(summary, labels, what, batch=args.batch, flops_per_image=flops_per_image)
   busy = [r + 1 for r, pair in enumerate(load) if max(pair) > 1.5 * (os.cpu_count() or 1)]
   if busy:

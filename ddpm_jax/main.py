@@ -40,52 +40,6 @@ FLAGS["config"].parser = console.checked_config_parser(FLAGS["config"].parser)  
 
 USER_ERRORS = (ConfigError, OSError)  # bad config values, bad paths, full disks; anything else is a bug
 
-# XLA:CPU flags that make the U-Net faster on CPU (measured: README "Performance"). They are added to
-# XLA_FLAGS when the program will run on the CPU, before JAX starts a backend, and only with the
-# jaxlib versions they were measured on: XLA aborts on a flag it does not know, and experimental
-# flags get renamed. A flag the user already set in XLA_FLAGS, either way, is left as it is.
-CPU_XLA_FLAGS = (
-    # XLA:CPU hands convolutions to YNNPACK by default; with its own ones the train step ran ~14% faster.
-    "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",
-)
-CPU_XLA_FLAGS_JAXLIB = ("0.10.",)  # jaxlib version prefixes CPU_XLA_FLAGS were measured with
-
-
-def _accelerator_plugin_installed() -> bool:
-  """Whether JAX could find a GPU/TPU backend (a PJRT plugin or libtpu), without starting one."""
-  import importlib.metadata  # pylint: disable=g-import-not-at-top
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  if importlib.util.find_spec("libtpu") is not None or os.environ.get("TPU_LIBRARY_PATH"):
-    return True
-  if list(importlib.metadata.entry_points(group="jax_plugins")):
-    return True
-  return importlib.util.find_spec("jax_plugins") is not None  # namespace package of PJRT plugins
-
-
-def will_run_on_cpu(environ) -> bool:
-  """JAX_PLATFORMS names cpu first, or (unset) no accelerator backend is installed."""
-  platforms = environ.get("JAX_PLATFORMS", "") or environ.get("JAX_PLATFORM_NAME", "")
-  if platforms.strip():
-    return platforms.split(",")[0].strip().lower() == "cpu"
-  return not _accelerator_plugin_installed()
-
-
-def with_cpu_xla_flags(xla_flags: str, *, jaxlib_version: str) -> str:
-  """`xla_flags` plus those CPU_XLA_FLAGS it does not set already (unchanged on other jaxlib versions)."""
-  if not jaxlib_version.startswith(CPU_XLA_FLAGS_JAXLIB):
-    return xla_flags
-  present = {flag.split("=")[0] for flag in xla_flags.split()}
-  extra = [flag for flag in CPU_XLA_FLAGS if flag.split("=")[0] not in present]
-  return " ".join([xla_flags.strip(), *extra]).strip()
-
-
-def set_cpu_xla_flags(environ) -> None:
-  """Adds CPU_XLA_FLAGS to environ["XLA_FLAGS"] for a CPU run; call before anything starts a JAX backend."""
-  if will_run_on_cpu(environ):
-    from jaxlib import version  # pylint: disable=g-import-not-at-top
-    environ["XLA_FLAGS"] = with_cpu_xla_flags(environ.get("XLA_FLAGS", ""), jaxlib_version=version.__version__)
-
-
 def run(config, workdir: str, mode: str):
   """Runs one mode (what `main` does after flag parsing and process set-up)."""
   from ddpm_jax import evaluate  # pylint: disable=g-import-not-at-top
@@ -151,5 +105,4 @@ def parse_flags(argv):
 
 
 if __name__ == "__main__":
-  set_cpu_xla_flags(os.environ)  # before any JAX backend starts
   app.run(main, flags_parser=parse_flags)

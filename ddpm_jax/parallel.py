@@ -133,7 +133,7 @@ def to_host(x) -> np.ndarray:
   return np.asarray(jax.device_get(x))
 
 
-def data_parallel(per_device_fn, mesh: Mesh, *, in_specs, out_specs, donate_argnums=()):
+def data_parallel(per_device_fn, mesh: Mesh, *, in_specs, out_specs, donate_argnums=(), compiler_options=None):
   """jit(shard_map(per_device_fn)): the pmap idiom on a mesh of all devices.
 
   `check_vma=False` keeps pmap's semantics: a gradient taken inside is the device's own,
@@ -141,7 +141,7 @@ def data_parallel(per_device_fn, mesh: Mesh, *, in_specs, out_specs, donate_argn
   sum gradients of replicated inputs over devices).
   """
   mapped = jax.shard_map(per_device_fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
-  return jax.jit(mapped, donate_argnums=donate_argnums)
+  return jax.jit(mapped, donate_argnums=donate_argnums, compiler_options=compiler_options)
 
 
 def example_ids(local_batch_size: int):

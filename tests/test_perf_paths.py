@@ -1,21 +1,19 @@
-"""Every faster path computes what the plain float32 path computes: fused attention, remat, the XLA:CPU
-flags main sets, bfloat16 compute (loosely), and batches prefetched to the devices."""
+"""Every faster path computes what the plain float32 path computes: fused attention, remat, the train
+step's XLA:CPU options, GroupNorm's closed-form gradient, bfloat16 compute (loosely), and batches
+prefetched to the devices."""
 
+import functools
 import math
-import os
-import subprocess
-import sys
+import types
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jaxlib import version as jaxlib_version
 
-from conftest import REPO, tiny_config
-from ddpm_jax import data, parallel
-from ddpm_jax import main as main_lib
+from conftest import tiny_config
+from ddpm_jax import data, parallel, train, xla_cpu
 from ddpm_jax import state as state_lib
 from ddpm_jax.models import unet
 
@@ -184,56 +182,43 @@ def test_bfloat16_compute_is_close_to_float32_in_outputs_and_gradients():
   assert cosine >= 0.99, cosine
 
 
-# ----------------------------------------------------------------------------- XLA:CPU flags
-
-_FLAGS_PROBE = """
-import sys
-sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
-import jax, jax.numpy as jnp, numpy as np
-import test_perf_paths as t
-model, params = t.tiny_model(dropout=0.0)
-x, ts = t.inputs()
-out = jax.jit(lambda p: model.apply(p, x, ts, train=False))(params)
-grads = jax.jit(jax.grad(lambda p: jnp.mean((model.apply(p, x, ts, train=True) - x) ** 2)))(params)
-np.savez(sys.argv[1], out=out, grads=np.concatenate([g.ravel() for g in jax.tree.leaves(grads)]))
-"""
+# ----------------------------------------------------------------------------- XLA:CPU options
 
 
-def test_cpu_xla_flags_leave_outputs_and_gradients_unchanged(tmp_path):
-  """The same computation in two processes, XLA_FLAGS without and with main's CPU flags."""
-  flags = main_lib.with_cpu_xla_flags("", jaxlib_version=jaxlib_version.__version__)
-  assert flags, "this jaxlib gets no CPU flags; the test would compare a run with itself"
-  script = _FLAGS_PROBE.format(repo=REPO, tests=os.path.join(REPO, "tests"))
-  results = {}
-  for name, xla_flags in (("plain", ""), ("flags", flags)):
-    env = dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS="cpu")
-    out = tmp_path / f"{name}.npz"
-    proc = subprocess.run([sys.executable, "-c", script, str(out)], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results[name] = np.load(out)
-  plain, fast = results["plain"], results["flags"]
-  scale = np.abs(plain["out"]).max()
-  assert scale > 0.1
-  np.testing.assert_allclose(fast["out"], plain["out"], rtol=1e-5, atol=1e-5 * scale)
-  np.testing.assert_allclose(fast["grads"], plain["grads"], rtol=1e-4, atol=1e-5 * np.abs(plain["grads"]).max())
+def test_the_train_step_cpu_options_change_the_program_not_the_step():
+  """The train step compiled with and without xla_cpu.train_step_options: a different optimized program
+  (XLA's convolutions instead of YNNPACK's), the same loss and gradient norm to float32 rounding."""
+  config = tiny_config(model__dropout=0.1)
+  built = state_lib.build(config)
+  mesh = parallel.make_mesh()
+  shape = state_lib.image_shape(config)
+  assert xla_cpu.train_step_options(mesh), "no options on this jaxlib: the test would compare a step with itself"
+  state = jax.jit(functools.partial(state_lib.init_state, built.model, built.tx, seed=0, shape=shape),
+                  out_shardings=parallel.replicated(mesh))()
+  images = np.random.default_rng(0).integers(0, 256, (1, config.training.batch_size) + shape).astype(np.uint8)
+  batches = parallel.global_batch(images, mesh, batch_axis=1)
+  programs, metrics = {}, {}
+  for on in (True, False):
+    step = train.make_train_step(built.model, built.diffusion, built.tx, mesh, ema_decay=0.999,
+                                 lr_fn=built.lr_fn, cpu_options=on).lower(state, batches).compile()
+    programs[on] = step.as_text().split("\n", 1)[1]  # without the module name line
+    _, metrics[on] = step(jax.tree.map(jnp.copy, state), batches)
+  assert programs[True] != programs[False]
+  for name in ("loss", "grad_norm"):
+    np.testing.assert_allclose(metrics[True][name], metrics[False][name], rtol=1e-5)
 
 
-def test_cpu_flags_are_added_for_cpu_runs_only_and_never_override_the_user():
-  version = "".join(main_lib.CPU_XLA_FLAGS_JAXLIB[:1]) + "0"
-  flag = main_lib.CPU_XLA_FLAGS[0]
-  name = flag.split("=")[0]
-  assert main_lib.will_run_on_cpu({"JAX_PLATFORMS": "cpu"})
-  assert not main_lib.will_run_on_cpu({"JAX_PLATFORMS": "cuda"})
-  assert not main_lib.will_run_on_cpu({"JAX_PLATFORMS": "tpu,cpu"})
-  added = main_lib.with_cpu_xla_flags("--xla_force_host_platform_device_count=2", jaxlib_version=version)
-  assert added.startswith("--xla_force_host_platform_device_count=2 ") and flag in added
-  mine = f"{name}=-reduce"
-  assert main_lib.with_cpu_xla_flags(mine, jaxlib_version=version) == mine  # the user's setting wins
-  assert main_lib.with_cpu_xla_flags("", jaxlib_version="99.0.0") == ""  # unmeasured jaxlib: nothing added
-  environ = {"JAX_PLATFORMS": "cuda", "XLA_FLAGS": "--a=1"}
-  main_lib.set_cpu_xla_flags(environ)
-  assert environ["XLA_FLAGS"] == "--a=1"
+def test_cpu_options_apply_on_cpu_with_a_measured_jaxlib_and_never_over_the_users_flags():
+  cpu = types.SimpleNamespace(devices=np.array([types.SimpleNamespace(platform="cpu")] * 2))
+  gpu = types.SimpleNamespace(devices=np.array([types.SimpleNamespace(platform="gpu")]))
+  measured = xla_cpu.MEASURED_JAXLIB[0] + "0"
+  assert xla_cpu.train_step_options(cpu, jaxlib_version_string=measured, xla_flags="") == xla_cpu.TRAIN_STEP_OPTIONS
+  assert xla_cpu.train_step_options(gpu, jaxlib_version_string=measured, xla_flags="") is None
+  assert xla_cpu.train_step_options(cpu, jaxlib_version_string="99.0.0", xla_flags="") is None
+  mine = f"--xla_force_host_platform_device_count=2 --{xla_cpu.OPTION}=-reduce"
+  assert xla_cpu.train_step_options(cpu, jaxlib_version_string=measured, xla_flags=mine) is None
+  other = "--xla_force_host_platform_device_count=2"
+  assert xla_cpu.train_step_options(cpu, jaxlib_version_string=measured, xla_flags=other) == xla_cpu.TRAIN_STEP_OPTIONS
 
 
 # ----------------------------------------------------------------------------- prefetching

@@ -1,0 +1,129 @@
+"""Where the train step's time goes on CPU: every convolution of a config's U-Net, XLA against PyTorch.
+
+usage: python bench/conv_shapes.py [--config=configs/cifar10.py] [--batch=16] [--repeats=5] [--json=PATH]
+
+Traces the U-Net's training forward pass, collects each convolution's input and kernel shapes, strides
+and padding, and times forward + backward (input and kernel gradients) of each distinct shape twice:
+jitted `lax.conv_general_dilated` (with the train step's XLA:CPU options, `ddpm_jax.xla_cpu`) and
+`torch.nn.functional.conv2d` (what diffusers' UNet2DModel runs: oneDNN on CPU), alternating, median of
+--repeats. Prints a Markdown table and the totals weighted by how often each shape occurs; the totals
+say how much of a train step's gap to PyTorch the convolutions alone explain.
+"""
+
+import argparse
+import collections
+import json
+import os
+import statistics
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
+
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
+from ddpm_jax import parallel, xla_cpu  # pylint: disable=g-import-not-at-top
+from ddpm_jax import state as state_lib  # pylint: disable=g-import-not-at-top
+from step_throughput import load_config  # pylint: disable=g-import-not-at-top  (this folder)
+
+
+def convolutions(config, batch):
+  """Counter of (input shape NHWC, kernel shape HWIO, strides, padding) over the training forward pass."""
+  built = state_lib.build(config)
+  shape = (batch,) + state_lib.image_shape(config)
+  x, t = jnp.zeros(shape), jnp.zeros((batch,), jnp.int32)
+  params = jax.eval_shape(lambda: built.model.init(jax.random.key(0), x, t, train=False))
+  jaxpr = jax.make_jaxpr(lambda p: built.model.apply(p, x, t, train=False))(params)
+  found = collections.Counter()
+
+  def visit(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "conv_general_dilated":
+        lhs, rhs = (v.aval.shape for v in eqn.invars)
+        found[(tuple(lhs), tuple(rhs), tuple(eqn.params["window_strides"]),
+               tuple(map(tuple, eqn.params["padding"])))] += 1
+      for sub in jax.core.subjaxprs(eqn):
+        visit(sub)
+
+  visit(jaxpr.jaxpr)
+  return found
+
+
+def time_jax(lhs, rhs, strides, padding):
+  conv = lambda x, w: jax.lax.conv_general_dilated(x, w, strides, padding,
+                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  def forward_backward(x, w):
+    y, vjp = jax.vjp(conv, x, w)
+    return vjp(y)
+
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal(lhs), jnp.float32)
+  w = jnp.asarray(rng.standard_normal(rhs) / np.sqrt(np.prod(rhs[:3])), jnp.float32)
+  options = xla_cpu.train_step_options(parallel.make_mesh())  # as the train step is compiled
+  step = jax.jit(forward_backward, compiler_options=options).lower(x, w).compile()
+  return lambda: jax.block_until_ready(step(x, w))
+
+
+def time_torch(lhs, rhs, strides, padding):
+  import torch  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  x = torch.from_numpy(rng.standard_normal(lhs).astype(np.float32).transpose(0, 3, 1, 2).copy())
+  w = torch.from_numpy((rng.standard_normal(rhs) / np.sqrt(np.prod(rhs[:3]))).astype(np.float32)
+                       .transpose(3, 2, 0, 1).copy())
+  (top, bottom), (left, right) = padding
+
+  def forward_backward():
+    a, b = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y = torch.nn.functional.conv2d(torch.nn.functional.pad(a, (left, right, top, bottom)), b, stride=strides)
+    y.backward(y)
+
+  return forward_backward
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--config", default=os.path.join(REPO, "configs", "cifar10.py"))
+  parser.add_argument("--batch", type=int, default=16)
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--json", default=os.path.join(REPO, "bench", "results", "conv_shapes.json"))
+  args = parser.parse_args()
+  config = load_config(args.config, [])
+  config.training.batch_size = args.batch
+  print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
+  rows = []
+  for (lhs, rhs, strides, padding), count in sorted(convolutions(config, args.batch).items()):
+    fns = {"jax": time_jax(lhs, rhs, strides, padding), "torch": time_torch(lhs, rhs, strides, padding)}
+    for fn in fns.values():
+      fn()
+      fn()
+    times = {name: [] for name in fns}
+    for _ in range(args.repeats):
+      for name, fn in fns.items():
+        t0 = time.perf_counter()
+        fn()
+        times[name].append(time.perf_counter() - t0)
+    jax_ms, torch_ms = (1e3 * statistics.median(times[n]) for n in ("jax", "torch"))
+    rows.append(dict(input=lhs, kernel=rhs, strides=strides, count=count, jax_ms=jax_ms, torch_ms=torch_ms))
+    print(f"  {lhs} * {rhs} stride {strides[0]} x{count}: jax {jax_ms:.2f} ms, torch {torch_ms:.2f} ms", flush=True)
+  print("\n| input (NHWC) | kernel | stride | count | XLA ms | PyTorch ms | PyTorch / XLA speed |")
+  print("|---|---|---|---|---|---|---|")
+  for r in rows:
+    print(f"| {r['input']} | {r['kernel'][2]}->{r['kernel'][3]} | {r['strides'][0]} | {r['count']} | "
+          f"{r['jax_ms']:.2f} | {r['torch_ms']:.2f} | {r['torch_ms'] / r['jax_ms']:.2f} |")
+  total_jax = sum(r["count"] * r["jax_ms"] for r in rows)
+  total_torch = sum(r["count"] * r["torch_ms"] for r in rows)
+  print(f"\nall convolutions of one train step, forward + backward: XLA {total_jax:.0f} ms, "
+        f"PyTorch {total_torch:.0f} ms (difference {total_jax - total_torch:+.0f} ms); "
+        f"load average after: {os.getloadavg()[0]:.2f}")
+  os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+  with open(args.json, "w") as f:
+    json.dump(dict(config=args.config, batch=args.batch, rows=rows, total_jax_ms=total_jax,
+                   total_torch_ms=total_torch, jax=jax.__version__), f, indent=2)
+
+
+if __name__ == "__main__":
+  main()
