@@ -23,6 +23,7 @@ if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
 import jax  # pylint: disable=g-import-not-at-top
+import jax.extend.core  # pylint: disable=g-import-not-at-top,unused-import  (subjaxprs)
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 from ddpm_jax import parallel, xla_cpu  # pylint: disable=g-import-not-at-top
@@ -45,8 +46,8 @@ def convolutions(config, batch):
         lhs, rhs = (v.aval.shape for v in eqn.invars)
         found[(tuple(lhs), tuple(rhs), tuple(eqn.params["window_strides"]),
                tuple(map(tuple, eqn.params["padding"])))] += 1
-      for sub in jax.core.subjaxprs(eqn):
-        visit(sub)
+    for sub in jax.extend.core.subjaxprs(jaxpr):  # the bodies of nested calls (jit, remat, custom VJPs)
+      visit(sub)
 
   visit(jaxpr.jaxpr)
   return found
@@ -78,7 +79,10 @@ def time_torch(lhs, rhs, strides, padding):
 
   def forward_backward():
     a, b = x.clone().requires_grad_(), w.clone().requires_grad_()
-    y = torch.nn.functional.conv2d(torch.nn.functional.pad(a, (left, right, top, bottom)), b, stride=strides)
+    if (top, left) == (bottom, right):  # conv2d pads symmetrically itself
+      y = torch.nn.functional.conv2d(a, b, stride=strides, padding=(top, left))
+    else:  # as diffusers' Downsample2D: pad bottom / right, then convolve
+      y = torch.nn.functional.conv2d(torch.nn.functional.pad(a, (left, right, top, bottom)), b, stride=strides)
     y.backward(y)
 
   return forward_backward
