@@ -7,7 +7,8 @@ plus update, measured inside the fori_loop sampler at T = --sample_T), the full 
 from XLA's cost analysis, and the achieved FLOP/s as a fraction of a matmul measured on the same device.
 
 usage: python bench/step_throughput.py --config=configs/cifar10.py [--batch=16] [--steps=5]
-         [--sample_batch=16] [--sample_T=10] [--full_T=0] [--set=model.dtype=bfloat16 ...] [--json=PATH]
+         [--steps_per_dispatch=N] [--sample_batch=16] [--sample_T=10] [--full_T=0] [--compile_T=10,1000]
+         [--no_cpu_options] [--set=model.dtype=bfloat16 ...] [--json=PATH]
 """
 
 import argparse

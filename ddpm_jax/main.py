@@ -40,6 +40,7 @@ FLAGS["config"].parser = console.checked_config_parser(FLAGS["config"].parser)  
 
 USER_ERRORS = (ConfigError, OSError)  # bad config values, bad paths, full disks; anything else is a bug
 
+
 def run(config, workdir: str, mode: str):
   """Runs one mode (what `main` does after flag parsing and process set-up)."""
   from ddpm_jax import evaluate  # pylint: disable=g-import-not-at-top

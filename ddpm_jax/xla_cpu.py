@@ -1,8 +1,8 @@
 """XLA:CPU compile options for the train step, measured on the U-Net (README "Performance").
 
 XLA:CPU hands dots, convolutions and reductions to YNNPACK by default. For the train step XLA's own
-convolutions are faster (+13% images/s on 2 cores); for the forward pass, and so the sampler,
-YNNPACK's are (about +5%). The option therefore goes on the train step's `jit` alone, not into
+convolutions are faster (+14-16% images/s on 2 cores); for the forward pass, and so the sampler,
+YNNPACK's are (XLA's cost it 2-8%). The option therefore goes on the train step's `jit` alone, not into
 XLA_FLAGS for the whole process, and only where it was measured: CPU devices and jaxlib 0.10.x (the
 option is experimental and XLA refuses names it does not know). XLA_FLAGS that set it win.
 """

@@ -1,6 +1,7 @@
 """The training engine: optimizer recipe, exact resume, device/process independence, learning, sampling."""
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -8,7 +9,6 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from conftest import REPO, tiny_config
@@ -66,6 +66,21 @@ def test_stop_and_resume_equals_uninterrupted_bitwise(tmp_path):
   # The resumed run read the data from where the first one stopped (not from the start again):
   # a run that restarts the data stream at step 2 ends elsewhere.
   assert os.path.exists(tmp_path / "split" / "checkpoints" / "2")
+
+
+def test_resume_from_a_checkpoint_written_while_batches_were_read_ahead_equals_uninterrupted(tmp_path):
+  """The trainer reads the next dispatch's batches before a checkpoint is written (device prefetch);
+  the checkpoint must hold the data position of the steps taken. Resume from the middle of a run
+  (2 steps per dispatch, an odd total) and end bitwise where the uninterrupted run ends."""
+  config = lambda: tiny_config(training__num_steps=7, training__steps_per_dispatch=2, training__checkpoint_every=2)
+  full = _train(config(), tmp_path / "full")
+  shutil.copytree(tmp_path / "full", tmp_path / "cut")
+  for step in (4, 6, 7):
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / str(step))
+  resumed = _train(config(), tmp_path / "cut")
+  assert int(resumed.step) == int(full.step) == 7
+  for a, b in zip(leaves(full), leaves(resumed)):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_resume_refuses_a_different_model(tmp_path):
