@@ -12,7 +12,6 @@ say how much of a train step's gap to PyTorch the convolutions alone explain.
 
 import argparse
 import collections
-import json
 import os
 import statistics
 import sys
@@ -28,7 +27,7 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 from ddpm_jax import parallel, xla_cpu  # pylint: disable=g-import-not-at-top
 from ddpm_jax import state as state_lib  # pylint: disable=g-import-not-at-top
-from step_throughput import load_config  # pylint: disable=g-import-not-at-top  (this folder)
+from common import load_config, write_json  # pylint: disable=g-import-not-at-top  (this folder)
 
 
 def convolutions(config, batch):
@@ -123,10 +122,8 @@ def main():
   print(f"\nall convolutions of one train step, forward + backward: XLA {total_jax:.0f} ms, "
         f"PyTorch {total_torch:.0f} ms (difference {total_jax - total_torch:+.0f} ms); "
         f"load average after: {os.getloadavg()[0]:.2f}")
-  os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-  with open(args.json, "w") as f:
-    json.dump(dict(config=args.config, batch=args.batch, rows=rows, total_jax_ms=total_jax,
-                   total_torch_ms=total_torch, jax=jax.__version__), f, indent=2)
+  write_json(args.json, dict(config=args.config, batch=args.batch, rows=rows, total_jax_ms=total_jax,
+                             total_torch_ms=total_torch, jax=jax.__version__))
 
 
 if __name__ == "__main__":

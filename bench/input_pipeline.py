@@ -12,7 +12,6 @@ usage: python bench/input_pipeline.py [--workers=0,2,4] [--batch=128] [--batches
 
 import argparse
 import io
-import json
 import os
 import sys
 import time
@@ -25,6 +24,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 from absl import flags  # pylint: disable=g-import-not-at-top
 from PIL import Image  # pylint: disable=g-import-not-at-top
 
+from common import write_json  # pylint: disable=g-import-not-at-top  (this folder)
 from ddpm_jax import data  # pylint: disable=g-import-not-at-top
 from ddpm_jax.configs import cifar10  # pylint: disable=g-import-not-at-top
 
@@ -105,11 +105,8 @@ def main():
     results.append(r)
     print(f"| {workers} | {r['images_per_s']:.0f} | {r['startup_s']:.1f} | "
           f"{'keeps up' if r['images_per_s'] >= 7680 else 'too slow'} |", flush=True)
-  os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-  with open(args.json, "w") as f:
-    json.dump(dict(args=vars(args), png_decode_images_per_s=decode_rate, cpu_count=os.cpu_count(),
-                   results=results), f, indent=2)
-  print(f"\nwrote {args.json}")
+  write_json(args.json, dict(args=vars(args), png_decode_images_per_s=decode_rate, cpu_count=os.cpu_count(),
+                             results=results))
 
 
 if __name__ == "__main__":

@@ -12,10 +12,7 @@ usage: python bench/step_throughput.py --config=configs/cifar10.py [--batch=16] 
 """
 
 import argparse
-import ast
 import functools
-import importlib.util
-import json
 import os
 import statistics
 import sys
@@ -29,24 +26,9 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
+from common import load_config, write_json  # pylint: disable=g-import-not-at-top  (this folder)
 from ddpm_jax import parallel, sampling, train  # pylint: disable=g-import-not-at-top
 from ddpm_jax import state as state_lib  # pylint: disable=g-import-not-at-top
-
-
-def load_config(path, overrides):
-  """get_config() of a config file (or a name in ddpm_jax/configs), with key=value overrides."""
-  if not path.endswith(".py"):
-    path = os.path.join(REPO, "ddpm_jax", "configs", f"{path}.py")
-  spec = importlib.util.spec_from_file_location("bench_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  for item in overrides:
-    key, value = item.split("=", 1)
-    section, name = key.split(".")
-    old = config[section][name]
-    config[section][name] = value if isinstance(old, str) else type(old)(ast.literal_eval(value))
-  return config
 
 
 def cost(compiled):
@@ -212,10 +194,7 @@ def main():
   result["peak_device_memory_bytes"] = peak_memory()
   print(f"peak device memory: {result['peak_device_memory_bytes'] / 2**30:.2f} GiB" if result["peak_device_memory_bytes"]
         else "peak device memory: not reported by this backend (CPU); see the memory analysis above")
-  os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-  with open(args.json, "w") as f:
-    json.dump(result, f, indent=2)
-  print(f"\nwrote {args.json}")
+  write_json(args.json, result)
 
 
 if __name__ == "__main__":

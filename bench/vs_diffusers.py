@@ -26,6 +26,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
+from common import write_json  # pylint: disable=g-import-not-at-top  (this folder)
+
 MATMUL_N = 2048
 EMA_DECAY = 0.9999
 
@@ -331,10 +333,7 @@ def main():
   record = dict(args={k: v for k, v in vars(args).items() if k not in ("worker", "spec")}, machine=_machine(),
                 load_average_per_round=load, flops_per_image=flops_per_image, summary=summary, rounds=rounds,
                 time=time.strftime("%Y-%m-%d %H:%M:%S"))
-  os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-  with open(args.json, "w") as f:
-    json.dump(record, f, indent=2)
-  print(f"\nwrote {args.json}")
+  write_json(args.json, record)
 
 
 if __name__ == "__main__":
