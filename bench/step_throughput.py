@@ -27,7 +27,7 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 from common import load_config, write_json  # pylint: disable=g-import-not-at-top  (this folder)
-from ddpm_jax import parallel, sampling, train  # pylint: disable=g-import-not-at-top
+from ddpm_jax import parallel, sampling, train, xla_cpu  # pylint: disable=g-import-not-at-top
 from ddpm_jax import state as state_lib  # pylint: disable=g-import-not-at-top
 
 
@@ -147,9 +147,12 @@ def main():
   parser.add_argument("--full_T", type=int, default=0, help="also time the whole sampler at this T (0: skip)")
   parser.add_argument("--compile_T", default="10,1000", help="sampler loop lengths whose compile time is compared")
   parser.add_argument("--no_cpu_options", action="store_true",
-                      help="compile the train step without its XLA:CPU options (ddpm_jax.xla_cpu)")
+                      help="without the train step's CPU settings (ddpm_jax.xla_cpu: compile options, "
+                           "synchronous dispatch, glibc keeping freed memory)")
   parser.add_argument("--json", default=os.path.join(REPO, "bench", "results", "step_throughput.json"))
   args = parser.parse_args()
+  # as `ddpm_jax.main` runs (README "Performance"), before any computation
+  host_memory = False if args.no_cpu_options else xla_cpu.keep_host_memory()
   config = load_config(args.config, args.set)
   if args.batch:
     config.training.batch_size = args.batch
@@ -165,7 +168,7 @@ def main():
 
   result = dict(config=args.config, overrides=args.set, device=device.device_kind, platform=device.platform,
                 device_count=jax.device_count(), dtype=config.model.dtype, matmul_flops_per_s=peak,
-                xla_flags=os.environ.get("XLA_FLAGS", ""))
+                xla_flags=os.environ.get("XLA_FLAGS", ""), host_memory=host_memory)
   result["train"] = tr = bench_train(config, steps=args.steps, cpu_options=not args.no_cpu_options)
   achieved = tr["images_per_s"] * tr["flops_per_image"]
   print(f"\n| train step | batch | steps/dispatch | compile s | s/step | steps/s | images/s | GFLOP/image | "

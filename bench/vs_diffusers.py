@@ -76,12 +76,14 @@ def jax_worker(spec):
   from ddpm_jax import parallel, train, xla_cpu  # pylint: disable=g-import-not-at-top
   from ddpm_jax import state as state_lib  # pylint: disable=g-import-not-at-top
 
+  # as `ddpm_jax.main` runs: synchronous CPU dispatch and glibc keeping freed memory (xla_cpu), first thing
+  host_memory = xla_cpu.keep_host_memory() if spec["cpu_options"] else False
   batch = spec["batch"]
   config = _cifar10_config(batch=batch, dtype=spec["dtype"])
   built = state_lib.build(config)
   mesh = parallel.make_mesh()
   shape = state_lib.image_shape(config)
-  out = dict(framework=f"jax {jax.__version__}", device=jax.devices()[0].device_kind,
+  out = dict(framework=f"jax {jax.__version__}", device=jax.devices()[0].device_kind, host_memory=host_memory,
              xla_flags=os.environ.get("XLA_FLAGS", ""), threads=os.cpu_count())
 
   a = jax.random.normal(jax.random.key(0), (MATMUL_N, MATMUL_N), jnp.float32)
@@ -290,7 +292,8 @@ def main():
   parser.add_argument("--what", default="forward,train")
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--cpu_options", default="on", choices=["on", "off", "both"],
-                      help="the train step's XLA:CPU compile options (ddpm_jax.xla_cpu) on the JAX side")
+                      help="the train step's CPU settings on the JAX side (ddpm_jax.xla_cpu: compile options, "
+                           "synchronous dispatch, glibc keeping freed memory), as ddpm_jax.main uses them")
   parser.add_argument("--extra_xla_flags", default="", help="more XLA flags for the JAX side (experiments)")
   parser.add_argument("--gpu", action="store_true", help="let JAX use an accelerator (default: JAX_PLATFORMS=cpu)")
   parser.add_argument("--json", default=os.path.join(REPO, "bench", "results", "vs_diffusers.json"))
@@ -324,7 +327,9 @@ def main():
   for label, _, xla_flags, _ in sides:
     options = rounds[0][label].get("train_step_options")
     print(f"  {label}: {rounds[0][label]['framework']}" + (f", XLA_FLAGS='{xla_flags}'" if xla_flags else "")
-          + (f", train step compiled with {options}" if options else ""))
+          + (f", train step compiled with {options}" if options else "")
+          + (", host memory kept (synchronous dispatch, glibc keeps freed memory)"
+             if rounds[0][label].get("host_memory") else ""))
   _print_table(summary, labels, what, batch=args.batch, flops_per_image=flops_per_image)
   busy = [r + 1 for r, pair in enumerate(load) if max(pair) > 1.5 * (os.cpu_count() or 1)]
   if busy:

@@ -4,6 +4,11 @@ prefetched to the devices."""
 
 import functools
 import math
+import os
+import platform
+import resource
+import subprocess
+import sys
 import types
 
 import flax.linen as nn
@@ -12,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import REPO, tiny_config
 from ddpm_jax import data, parallel, train, xla_cpu
 from ddpm_jax import state as state_lib
 from ddpm_jax.models import unet
@@ -234,6 +239,40 @@ def test_cpu_options_apply_on_cpu_with_a_measured_jaxlib_and_never_over_the_user
   assert xla_cpu.train_step_options(cpu, jaxlib_version_string=measured, xla_flags=mine) is None
   other = "--xla_force_host_platform_device_count=2"
   assert xla_cpu.train_step_options(cpu, jaxlib_version_string=measured, xla_flags=other) == xla_cpu.TRAIN_STEP_OPTIONS
+
+
+_FAULTS_PROBE = """
+import resource, sys
+import jax, jax.numpy as jnp
+from ddpm_jax import xla_cpu
+if sys.argv[1] == "on":
+  assert xla_cpu.keep_host_memory()
+f = jax.jit(lambda x: jnp.flip(jnp.cumsum(x, axis=0), 0).sum(axis=0))  # the cumsum is a 64 MiB temporary
+x = jnp.ones((4096, 4096), jnp.float32)
+faults = []
+for _ in range(4):
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  f(x).block_until_ready()
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print("FAULTS", min(faults[1:]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="the host-memory setting is glibc's")
+def test_keep_host_memory_lets_each_call_reuse_the_last_ones_pages():
+  """A computation with a 64 MiB temporary, called repeatedly in a fresh process: by default every call
+  faults in the temporary's 16,384 pages anew; with xla_cpu.keep_host_memory() the calls after the first
+  reuse them (synchronous dispatch and glibc keeping freed memory are both needed)."""
+  pages = 4096 * 4096 * 4 // resource.getpagesize()
+  faults = {}
+  for mode in ("off", "on"):
+    result = subprocess.run([sys.executable, "-c", _FAULTS_PROBE, mode], cwd=REPO, capture_output=True, text=True,
+                            env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    faults[mode] = int(result.stdout.split("FAULTS")[1])
+  assert faults["off"] > pages // 2, faults  # the probe really allocates its temporary per call
+  assert faults["on"] < pages // 10, faults
 
 
 # ----------------------------------------------------------------------------- prefetching

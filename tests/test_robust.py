@@ -25,7 +25,7 @@ CONFIG = tiny_config(training__num_steps=6, training__num_grid_samples=0)
 FLAGS = config_flags(CONFIG, "data", "model", "diffusion", "training", "sampling")
 # Lines a clean run may print: our own log lines (train.py, checkpoint.py, evaluate.py), a progress bar,
 # and the one-sentence message of a failure.
-OUR_LINE = re.compile(r"^([IW]\d{4} [\d:.]+ +\d+ (train|checkpoint|evaluate)\.py:\d+\] |ddpm_jax: |sampling: )")
+OUR_LINE = re.compile(r"^([IW]\d{4} [\d:.]+ +\d+ (main|train|checkpoint|evaluate)\.py:\d+\] |ddpm_jax: |sampling: )")
 
 
 def cli(workdir, *extra, mode="train", **kwargs):
