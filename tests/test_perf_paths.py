@@ -305,6 +305,25 @@ def test_prefetched_batches_are_the_batches_and_rewind_restores_the_position():
     np.testing.assert_array_equal(a, b)
 
 
+# ----------------------------------------------------------------------------- Dense
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (2, 4, 4, 64)])
+def test_dense_equals_flax_dense_in_values_and_gradients(shape):
+  """unet.Dense (its gradient written out as 2-D products) against nn.Dense: the same parameters from the
+  same key, the same output, and the same gradients for the input, kernel and bias."""
+  x = jax.random.normal(jax.random.key(0), shape)
+  ours, flax_dense = (cls(32, kernel_init=unet.default_init(1.0)) for cls in (unet.Dense, nn.Dense))
+  params = ours.init(jax.random.key(1), x)
+  jax.tree.map(np.testing.assert_array_equal, params, flax_dense.init(jax.random.key(1), x))
+  params = random_params(params, seed=2)
+  weights = jax.random.normal(jax.random.key(3), shape[:-1] + (32,))
+  loss = lambda module: lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)) * weights)
+  np.testing.assert_allclose(ours.apply(params, x), flax_dense.apply(params, x), rtol=1e-6, atol=1e-6)
+  ours_grads, flax_grads = (jax.grad(loss(m), argnums=(0, 1))(params, x) for m in (ours, flax_dense))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), ours_grads, flax_grads)
+
+
 # ----------------------------------------------------------------------------- GroupNorm
 
 
