@@ -1,19 +1,22 @@
 """Where the train step's time goes on CPU: every convolution of a config's U-Net, XLA against PyTorch.
 
-usage: python bench/conv_shapes.py [--config=configs/cifar10.py] [--batch=16] [--repeats=5] [--json=PATH]
+usage: python bench/conv_shapes.py [--config=configs/cifar10.py] [--batch=16] [--repeats=7] [--json=PATH]
 
 Traces the U-Net's training forward pass, collects each convolution's input and kernel shapes, strides
-and padding, and times forward + backward (input and kernel gradients) of each distinct shape twice:
-jitted `lax.conv_general_dilated` (with the train step's XLA:CPU options, `ddpm_jax.xla_cpu`) and
-`torch.nn.functional.conv2d` (what diffusers' UNet2DModel runs: oneDNN on CPU), alternating, median of
---repeats. Prints a Markdown table and the totals weighted by how often each shape occurs; the totals
-say how much of a train step's gap to PyTorch the convolutions alone explain.
+and padding, and times forward + backward (input and kernel gradients) of each distinct shape: jitted
+`lax.conv_general_dilated` (with the train step's XLA:CPU options, `ddpm_jax.xla_cpu`) and
+`torch.nn.functional.conv2d` (what diffusers' UNet2DModel runs: oneDNN on CPU), median of --repeats.
+Each framework runs in its own process: in one process, PyTorch's OpenMP threads keep spinning after
+each call and slow the XLA call that follows (by 10-25% here). Prints a Markdown table and the totals
+weighted by how often each shape occurs.
 """
 
 import argparse
 import collections
+import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -87,31 +90,50 @@ def time_torch(lhs, rhs, strides, padding):
   return forward_backward
 
 
+def _time_all(framework, config_path, batch, repeats):
+  """[(lhs, rhs, strides, count, median ms)] for every convolution shape, in this process."""
+  config = load_config(config_path, [])
+  config.training.batch_size = batch
+  timer = time_jax if framework == "jax" else time_torch
+  rows = []
+  for (lhs, rhs, strides, padding), count in sorted(convolutions(config, batch).items()):
+    fn = timer(lhs, rhs, strides, padding)
+    fn()
+    fn()
+    times = []
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      fn()
+      times.append(time.perf_counter() - t0)
+    rows.append((lhs, rhs, strides, count, 1e3 * statistics.median(times)))
+    print(f"  {framework}: {lhs} * {rhs} stride {strides[0]} x{count}: {rows[-1][-1]:.2f} ms", file=sys.stderr,
+          flush=True)
+  return rows
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--config", default=os.path.join(REPO, "configs", "cifar10.py"))
   parser.add_argument("--batch", type=int, default=16)
-  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--repeats", type=int, default=7)
   parser.add_argument("--json", default=os.path.join(REPO, "bench", "results", "conv_shapes.json"))
+  parser.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
   args = parser.parse_args()
-  config = load_config(args.config, [])
-  config.training.batch_size = args.batch
+  if args.worker:
+    print("RESULT " + json.dumps(_time_all(args.worker, args.config, args.batch, args.repeats)))
+    return
   print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
-  rows = []
-  for (lhs, rhs, strides, padding), count in sorted(convolutions(config, args.batch).items()):
-    fns = {"jax": time_jax(lhs, rhs, strides, padding), "torch": time_torch(lhs, rhs, strides, padding)}
-    for fn in fns.values():
-      fn()
-      fn()
-    times = {name: [] for name in fns}
-    for _ in range(args.repeats):
-      for name, fn in fns.items():
-        t0 = time.perf_counter()
-        fn()
-        times[name].append(time.perf_counter() - t0)
-    jax_ms, torch_ms = (1e3 * statistics.median(times[n]) for n in ("jax", "torch"))
-    rows.append(dict(input=lhs, kernel=rhs, strides=strides, count=count, jax_ms=jax_ms, torch_ms=torch_ms))
-    print(f"  {lhs} * {rhs} stride {strides[0]} x{count}: jax {jax_ms:.2f} ms, torch {torch_ms:.2f} ms", flush=True)
+  timed = {}
+  for framework in ("jax", "torch"):
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), f"--worker={framework}", f"--config={args.config}",
+                           f"--batch={args.batch}", f"--repeats={args.repeats}"], capture_output=True, text=True,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    results = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not results:
+      raise RuntimeError(f"the {framework} worker failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    timed[framework] = json.loads(results[-1][len("RESULT "):])
+  rows = [dict(input=lhs, kernel=rhs, strides=strides, count=count, jax_ms=jax_ms, torch_ms=torch_row[-1])
+          for (lhs, rhs, strides, count, jax_ms), torch_row in zip(timed["jax"], timed["torch"])]
   print("\n| input (NHWC) | kernel | stride | count | XLA ms | PyTorch ms | PyTorch / XLA speed |")
   print("|---|---|---|---|---|---|---|")
   for r in rows:

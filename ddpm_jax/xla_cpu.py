@@ -1,8 +1,8 @@
 """XLA:CPU settings for the train step, measured on the U-Net (README "Performance").
 
-Compile options. XLA:CPU hands dots, convolutions and reductions to YNNPACK by default. For the train step XLA's own
-convolutions are faster (+14-16% images/s on 2 cores); for the forward pass, and so the sampler,
-YNNPACK's are (XLA's cost it 2-8%). The option therefore goes on the train step's `jit` alone, not into
+Compile options. XLA:CPU hands dots, convolutions and reductions to YNNPACK by default. For the train
+step XLA's own convolutions are faster (+14-16% images/s on 2 cores); for the forward pass, and so the
+sampler, YNNPACK's are (XLA's cost it 2-8%). The option therefore goes on the train step's `jit` alone, not into
 XLA_FLAGS for the whole process, and only where it was measured: CPU devices and jaxlib 0.10.x (the
 option is experimental and XLA refuses names it does not know). XLA_FLAGS that set it win.
 
@@ -66,13 +66,10 @@ def retain_freed_memory() -> bool:
   return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, -1))
 
 
-def keep_host_memory(*, backend: str | None = None) -> bool:
-  """Both of the above, for a program whose train step runs on the CPU: call it before any JAX
-  computation. `backend` is the platform the program will compute on when the caller knows it (else
-  JAX's default backend, which this starts); malloc is left alone for any other than 'cpu'. Returns
-  whether the host-memory setting was applied."""
+def keep_host_memory() -> bool:
+  """Both of the above, for a program that trains on the CPU: call it before any JAX computation. It
+  starts JAX's backends; malloc is left alone unless the default backend is the CPU. Returns whether
+  the host-memory setting was applied."""
+  import jax  # pylint: disable=g-import-not-at-top
   synchronous_dispatch()
-  if backend is None:
-    import jax  # pylint: disable=g-import-not-at-top
-    backend = jax.default_backend()
-  return backend == "cpu" and retain_freed_memory()
+  return jax.default_backend() == "cpu" and retain_freed_memory()
