@@ -132,8 +132,9 @@ def main():
     if proc.returncode or not results:
       raise RuntimeError(f"the {framework} worker failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     timed[framework] = json.loads(results[-1][len("RESULT "):])
+  assert [row[:4] for row in timed["jax"]] == [row[:4] for row in timed["torch"]], "workers saw different shapes"
   rows = [dict(input=lhs, kernel=rhs, strides=strides, count=count, jax_ms=jax_ms, torch_ms=torch_row[-1])
-          for (lhs, rhs, strides, count, jax_ms), torch_row in zip(timed["jax"], timed["torch"])]
+          for (lhs, rhs, strides, count, jax_ms), torch_row in zip(timed["jax"], timed["torch"], strict=True)]
   print("\n| input (NHWC) | kernel | stride | count | XLA ms | PyTorch ms | PyTorch / XLA speed |")
   print("|---|---|---|---|---|---|---|")
   for r in rows:

@@ -81,12 +81,12 @@ def main(argv):
   from ddpm_jax import train  # pylint: disable=g-import-not-at-top
   try:
     validation.validate(FLAGS.config, mode=FLAGS.mode)  # every key, before any device or file is touched
-    xla_cpu.synchronous_dispatch()  # before JAX's CPU backend starts (README "Performance")
+    xla_cpu.synchronous_dispatch()  # before JAX's backends start (README "Performance")
     parallel.maybe_initialize_distributed(FLAGS.config.distributed)
-    if jax.default_backend() == "cpu" and xla_cpu.retain_freed_memory():  # each step reuses the last one's pages
-      logging.info("CPU: synchronous dispatch, freed host memory kept for reuse (README \"Performance\").")
     if jax.process_index() > 0:  # one log for the whole job: process 0's
       logging.set_verbosity(logging.WARNING)
+    if xla_cpu.retain_freed_memory_on_one_cpu():  # each train step reuses the last one's pages
+      logging.info("CPU: synchronous dispatch, freed host memory kept for reuse (README \"Performance\").")
     run(FLAGS.config, FLAGS.workdir, FLAGS.mode)
   except train.NonFiniteError as e:
     print(f"ddpm_jax: training stopped: {e}", file=sys.stderr)

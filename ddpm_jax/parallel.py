@@ -90,7 +90,9 @@ def global_batch(local_batch: np.ndarray, mesh: Mesh, batch_axis: int = 0) -> ja
 
 class DevicePrefetcher:
   """Global batches placed on the devices one dispatch ahead, so the next batch's host read and
-  host->device copy overlap the step that is running.
+  host->device copy overlap the step that is running (where dispatch is asynchronous: accelerators and
+  multi-device CPU meshes; on one CPU device `ddpm_jax.main` dispatches synchronously, and the read
+  follows the step).
 
   `take(n)` returns the next n host batches stacked as one global array [n, B, ...] (sharded on
   axis 1); `prefetch(n)` reads and places the following n now. The host iterator thus runs ahead of

@@ -230,7 +230,7 @@ def train_and_evaluate(config, workdir: str):
     while step < c.num_steps:
       n = min(k, c.num_steps - step)
       state, metrics = train_step(state, batches.take(n))
-      batches.prefetch(min(k, c.num_steps - step - n))  # while the step just dispatched runs
+      batches.prefetch(min(k, c.num_steps - step - n))  # while the step just dispatched runs (async dispatch)
       logger.add(step, metrics)
       manager.seal_finished()  # digests of a checkpoint whose background write has just committed
       step, before = step + n, step

@@ -9,13 +9,13 @@ option is experimental and XLA refuses names it does not know). XLA_FLAGS that s
 Host memory. XLA:CPU allocates a call's temporaries anew on every call (1.1 GB for the CIFAR10 train
 step at batch 16). glibc serves a block that large with a fresh mmap and unmaps it on free, so every
 step first-touches 1.1 GB of new pages: ~270,000 page faults and ~0.4 s of kernel time per step.
-`keep_host_memory` runs CPU computations on the calling thread (whose malloc arena can grow without
-mmap) and tells glibc to keep freed memory: the next step reuses the same pages (-12% step time).
-Programs call it first thing (`ddpm_jax.main` does); it is process-wide, so the library never does.
+`keep_host_memory` runs single-device CPU computations on the main thread (whose malloc arena grows with
+sbrk, without mmap, once told to) and tells glibc to keep freed memory: the next step reuses the same
+pages (-12% step time). Programs call it first thing (`ddpm_jax.main` calls its two halves around
+`jax.distributed.initialize`); it is process-wide, so the library never does.
 """
 
 import ctypes
-import ctypes.util
 import os
 import platform
 
@@ -40,36 +40,52 @@ def train_step_options(mesh, *, jaxlib_version_string: str | None = None, xla_fl
   return None
 
 
-
 # glibc's mallopt(3) parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1  # -1: never give freed memory at the top of the heap back to the OS
 _M_MMAP_MAX = -4  # 0: serve large blocks from the heap, not from one mmap each
 
 
-def synchronous_dispatch() -> None:
-  """JAX runs CPU computations on the calling thread instead of a dispatch thread (async dispatch off).
+def synchronous_dispatch() -> bool:
+  """JAX runs single-device CPU computations on the calling thread instead of a dispatch thread.
 
-  Takes effect only if called before JAX's CPU backend starts (the first computation or device query);
-  other backends are unaffected. The Python thread then waits for each CPU step, which costs nothing
-  when the step takes seconds and the input pipeline runs in worker processes or is in memory."""
+  Takes effect only before JAX's backends start (the first computation or device query); returns False,
+  changing nothing, when they have. Other backends and multi-device CPU computations are unaffected. The
+  Python thread then waits for each CPU step: nothing is lost when a step takes seconds and the input
+  pipeline's batches are ready (worker processes, or in memory)."""
   import jax  # pylint: disable=g-import-not-at-top
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top  (no public "backends started?")
+  if xla_bridge.backends_are_initialized():
+    return False
   jax.config.update("jax_cpu_enable_async_dispatch", False)
+  return True
 
 
 def retain_freed_memory() -> bool:
-  """Tells glibc's malloc to serve large blocks from the heap and never to trim it, so that memory freed
-  by one train step is reused by the next without page faults. Returns False where the C library is not
-  glibc (nothing is changed there). Memory the process freed is then not returned to the OS until exit."""
+  """Tells glibc's malloc to serve large blocks from the heap and never to trim it (every arena keeps its
+  peak), so that the main thread's memory freed by one train step is reused by the next without page
+  faults. Returns False where the C library is not glibc (nothing is changed there); with another
+  allocator preloaded (tcmalloc, jemalloc) the call changes nothing either."""
   if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
     return False
-  libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+  libc = ctypes.CDLL(None)
   return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, -1))
 
 
-def keep_host_memory() -> bool:
-  """Both of the above, for a program that trains on the CPU: call it before any JAX computation. It
-  starts JAX's backends; malloc is left alone unless the default backend is the CPU. Returns whether
-  the host-memory setting was applied."""
+def retain_freed_memory_on_one_cpu() -> bool:
+  """retain_freed_memory() when this process computes on one CPU device, the case synchronous dispatch
+  moves onto the main thread; otherwise nothing. Starts JAX's backends. Returns whether applied."""
   import jax  # pylint: disable=g-import-not-at-top
-  synchronous_dispatch()
-  return jax.default_backend() == "cpu" and retain_freed_memory()
+  return jax.default_backend() == "cpu" and jax.local_device_count() == 1 and retain_freed_memory()
+
+
+def keep_host_memory() -> bool:
+  """Both settings, for a program that trains on one CPU device: call it before any JAX computation
+  (multi-host: `synchronous_dispatch()`, then `jax.distributed.initialize()`, then
+  `retain_freed_memory_on_one_cpu()`, as `ddpm_jax.main` does). Returns whether the memory is kept;
+  False, changing nothing, when called after the backends started or on any other device."""
+  if not synchronous_dispatch():
+    import warnings  # pylint: disable=g-import-not-at-top
+    warnings.warn("xla_cpu.keep_host_memory() was called after JAX's backends started; it changes nothing "
+                  "(call it before the first computation, e.g. in a fresh kernel).", stacklevel=2)
+    return False
+  return retain_freed_memory_on_one_cpu()

@@ -1,6 +1,7 @@
 """`python -m ddpm_jax.main` end to end: train, sample, preemption, and every user error."""
 
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -23,7 +24,8 @@ def test_train_then_sample_writes_valid_files(tmp_path):
   result = cli(tmp_path)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "step 4/4" in result.stderr
-  assert "CPU: synchronous dispatch, freed host memory kept" in result.stderr  # xla_cpu's host settings
+  if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":  # xla_cpu's host-memory setting
+    assert "CPU: synchronous dispatch, freed host memory kept" in result.stderr
   grid = tmp_path / "samples" / "step_4.png"
   assert Image.open(grid).size[0] >= 256
   assert os.path.exists(tmp_path / "config.json")

@@ -1,6 +1,6 @@
 """Every faster path computes what the plain float32 path computes: fused attention, remat, the train
-step's XLA:CPU options, GroupNorm's closed-form gradient, bfloat16 compute (loosely), and batches
-prefetched to the devices."""
+step's XLA:CPU options, the dense layers' and GroupNorm's written-out gradients, bfloat16 compute
+(loosely), and batches prefetched to the devices; and the host-memory setting does what it is for."""
 
 import functools
 import math
@@ -242,12 +242,13 @@ def test_cpu_options_apply_on_cpu_with_a_measured_jaxlib_and_never_over_the_user
 
 
 _FAULTS_PROBE = """
-import resource, sys
+import ctypes, resource, sys
+ctypes.CDLL(None).prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE: 4 KiB pages, as without transparent huge pages
 import jax, jax.numpy as jnp
 from ddpm_jax import xla_cpu
 if sys.argv[1] == "on":
   assert xla_cpu.keep_host_memory()
-f = jax.jit(lambda x: jnp.flip(jnp.cumsum(x, axis=0), 0).sum(axis=0))  # the cumsum is a 64 MiB temporary
+f = jax.jit(lambda x: jnp.flip(jnp.cumsum(x, axis=0), 0).sum(axis=0))  # temporaries: 132 MiB, the cumsum 64
 x = jnp.ones((4096, 4096), jnp.float32)
 faults = []
 for _ in range(4):
@@ -261,18 +262,27 @@ print("FAULTS", min(faults[1:]))
 @pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
                     reason="the host-memory setting is glibc's")
 def test_keep_host_memory_lets_each_call_reuse_the_last_ones_pages():
-  """A computation with a 64 MiB temporary, called repeatedly in a fresh process: by default every call
-  faults in the temporary's 16,384 pages anew; with xla_cpu.keep_host_memory() the calls after the first
-  reuse them (synchronous dispatch and glibc keeping freed memory are both needed)."""
+  """A computation with 132 MiB of temporaries, called repeatedly in a fresh process: by default every
+  call faults them in anew (about 34,000 pages; at least the cumsum's 16,384); with
+  xla_cpu.keep_host_memory() the calls after the first reuse them (synchronous dispatch and glibc
+  keeping freed memory are both needed)."""
   pages = 4096 * 4096 * 4 // resource.getpagesize()
+  env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES" and not k.startswith("MALLOC_")}
   faults = {}
   for mode in ("off", "on"):
     result = subprocess.run([sys.executable, "-c", _FAULTS_PROBE, mode], cwd=REPO, capture_output=True, text=True,
-                            env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
+                            env=dict(env, JAX_PLATFORMS="cpu"), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     faults[mode] = int(result.stdout.split("FAULTS")[1])
-  assert faults["off"] > pages // 2, faults  # the probe really allocates its temporary per call
+  assert faults["off"] > pages // 2, faults  # the probe really allocates its temporaries per call
   assert faults["on"] < pages // 10, faults
+
+
+def test_keep_host_memory_after_the_backends_started_changes_nothing_and_says_so():
+  jax.devices()  # started (as in any test process)
+  with pytest.warns(UserWarning, match="after JAX's backends started"):
+    assert not xla_cpu.keep_host_memory()
+  assert jax.config.values["jax_cpu_enable_async_dispatch"]  # the flag left as it was
 
 
 # ----------------------------------------------------------------------------- prefetching
@@ -322,6 +332,24 @@ def test_dense_equals_flax_dense_in_values_and_gradients(shape):
   np.testing.assert_allclose(ours.apply(params, x), flax_dense.apply(params, x), rtol=1e-6, atol=1e-6)
   ours_grads, flax_grads = (jax.grad(loss(m), argnums=(0, 1))(params, x) for m in (ours, flax_dense))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), ours_grads, flax_grads)
+
+
+def test_dense_in_bfloat16_is_close_to_float32():
+  """bfloat16 compute (float32 parameters): output and gradients within bfloat16's precision of float32."""
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 64))
+  params = random_params(unet.Dense(32).init(jax.random.key(1), x), seed=2)
+  weights = jax.random.normal(jax.random.key(3), (2, 8, 8, 32))
+  results = {}
+  for dtype in (jnp.float32, jnp.bfloat16):
+    module = unet.Dense(32, dtype=dtype, kernel_init=unet.default_init(1.0))
+    loss = lambda p, x, module=module: jnp.sum(module.apply(p, x).astype(jnp.float32) * weights)
+    y = module.apply(params, x)
+    assert y.dtype == dtype  # computed in dtype
+    results[dtype] = (y.astype(jnp.float32), jax.grad(loss, argnums=(0, 1))(params, x))
+  (y32, g32), (y16, g16) = results[jnp.float32], results[jnp.bfloat16]
+  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(g16))  # float32 parameters and input: float32 grads
+  for a, b in zip(jax.tree.leaves((y16, g16)), jax.tree.leaves((y32, g32))):
+    assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) < 2e-2
 
 
 # ----------------------------------------------------------------------------- GroupNorm

@@ -77,7 +77,8 @@ dense.defvjp(_dense_fwd, _dense_bwd)
 
 class Dense(nn.Module):
   """`nn.Dense` over the last axis, the same function and parameters ('kernel' [in, out], 'bias'),
-  computed by `dense` (its gradient written out). Parameters float32, computation in `dtype`."""
+  computed by `dense` (its gradient written out). Parameters float32, computation in `dtype`; in
+  bfloat16 the bias gradient's sum accumulates in float32 (autodiff of nn.Dense sums in bfloat16)."""
   features: int
   dtype: Any = jnp.float32
   kernel_init: Any = nn.initializers.lecun_normal()
