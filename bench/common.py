@@ -1,9 +1,10 @@
-"""What the benchmarks share: loading a config file with overrides, and writing their JSON record."""
+"""What the benchmarks share: loading a config file with overrides, timing calls, writing their JSON record."""
 
 import ast
 import importlib.util
 import json
 import os
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,6 +23,16 @@ def load_config(path, overrides):
     old = config[section][name]
     config[section][name] = value if isinstance(old, str) else type(old)(ast.literal_eval(value))
   return config
+
+
+def call_times(fn, repeats):
+  """Wall-clock seconds of `repeats` consecutive calls of fn() (warm it up first)."""
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return times
 
 
 def write_json(path, record):

@@ -18,7 +18,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -30,7 +29,7 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 from ddpm_jax import parallel, xla_cpu  # pylint: disable=g-import-not-at-top
 from ddpm_jax import state as state_lib  # pylint: disable=g-import-not-at-top
-from common import load_config, write_json  # pylint: disable=g-import-not-at-top  (this folder)
+from common import call_times, load_config, write_json  # pylint: disable=g-import-not-at-top  (this folder)
 
 
 def convolutions(config, batch):
@@ -100,12 +99,7 @@ def _time_all(framework, config_path, batch, repeats):
     fn = timer(lhs, rhs, strides, padding)
     fn()
     fn()
-    times = []
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      fn()
-      times.append(time.perf_counter() - t0)
-    rows.append((lhs, rhs, strides, count, 1e3 * statistics.median(times)))
+    rows.append((lhs, rhs, strides, count, 1e3 * statistics.median(call_times(fn, repeats))))
     print(f"  {framework}: {lhs} * {rhs} stride {strides[0]} x{count}: {rows[-1][-1]:.2f} ms", file=sys.stderr,
           flush=True)
   return rows

@@ -26,7 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
-from common import write_json  # pylint: disable=g-import-not-at-top  (this folder)
+from common import call_times, write_json  # pylint: disable=g-import-not-at-top  (this folder)
 
 MATMUL_N = 2048
 EMA_DECAY = 0.9999
@@ -36,23 +36,13 @@ EMA_DECAY = 0.9999
 
 
 def _median_time(fn, repeats):
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+  return statistics.median(call_times(fn, repeats))
 
 
 def _best_time(fn, repeats):
   """The shortest of `repeats` runs: a peak rate, as little disturbed by other processes as possible."""
   fn()
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return min(times)
+  return min(call_times(fn, repeats))
 
 
 def _cifar10_config(*, batch, dtype):
