@@ -2,9 +2,9 @@
 
 Compile options. XLA:CPU hands dots, convolutions and reductions to YNNPACK by default. For the train
 step XLA's own convolutions are faster (+14-16% images/s on 2 cores); for the forward pass, and so the
-sampler, YNNPACK's are (XLA's cost it 2-8%). The option therefore goes on the train step's `jit` alone, not into
-XLA_FLAGS for the whole process, and only where it was measured: CPU devices and jaxlib 0.10.x (the
-option is experimental and XLA refuses names it does not know). XLA_FLAGS that set it win.
+sampler, YNNPACK's are (XLA's cost it 2-8%). The option therefore goes on the train step's `jit` alone,
+not into XLA_FLAGS for the whole process, and only where it was measured: CPU devices and jaxlib 0.10.x
+(the option is experimental and XLA refuses names it does not know). XLA_FLAGS that set it win.
 
 Host memory. XLA:CPU allocates a call's temporaries anew on every call (1.1 GB for the CIFAR10 train
 step at batch 16). glibc serves a block that large with a fresh mmap and unmaps it on free, so every
