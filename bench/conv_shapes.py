@@ -45,9 +45,17 @@ def convolutions(config, batch):
     for eqn in jaxpr.eqns:
       if eqn.primitive.name == "conv_general_dilated":
         lhs, rhs = (v.aval.shape for v in eqn.invars)
-        found[(tuple(lhs), tuple(rhs), tuple(eqn.params["window_strides"]),
-               tuple(map(tuple, eqn.params["padding"])))] += 1
-    for sub in jax.extend.core.subjaxprs(jaxpr):  # the bodies of nested calls (jit, remat, custom VJPs)
+        found[
+          (
+            tuple(lhs),
+            tuple(rhs),
+            tuple(eqn.params["window_strides"]),
+            tuple(map(tuple, eqn.params["padding"])),
+          )
+        ] += 1
+    for sub in jax.extend.core.subjaxprs(
+      jaxpr
+    ):  # the bodies of nested calls (jit, remat, custom VJPs)
       visit(sub)
 
   visit(jaxpr.jaxpr)
@@ -55,8 +63,9 @@ def convolutions(config, batch):
 
 
 def time_jax(lhs, rhs, strides, padding):
-  conv = lambda x, w: jax.lax.conv_general_dilated(x, w, strides, padding,
-                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  conv = lambda x, w: jax.lax.conv_general_dilated(
+    x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
 
   def forward_backward(x, w):
     y, vjp = jax.vjp(conv, x, w)
@@ -72,10 +81,15 @@ def time_jax(lhs, rhs, strides, padding):
 
 def time_torch(lhs, rhs, strides, padding):
   import torch  # pylint: disable=g-import-not-at-top
+
   rng = np.random.default_rng(0)
   x = torch.from_numpy(rng.standard_normal(lhs).astype(np.float32).transpose(0, 3, 1, 2).copy())
-  w = torch.from_numpy((rng.standard_normal(rhs) / np.sqrt(np.prod(rhs[:3]))).astype(np.float32)
-                       .transpose(3, 2, 0, 1).copy())
+  w = torch.from_numpy(
+    (rng.standard_normal(rhs) / np.sqrt(np.prod(rhs[:3])))
+    .astype(np.float32)
+    .transpose(3, 2, 0, 1)
+    .copy()
+  )
   (top, bottom), (left, right) = padding
 
   def forward_backward():
@@ -83,7 +97,9 @@ def time_torch(lhs, rhs, strides, padding):
     if (top, left) == (bottom, right):  # conv2d pads symmetrically itself
       y = torch.nn.functional.conv2d(a, b, stride=strides, padding=(top, left))
     else:  # as diffusers' Downsample2D: pad bottom / right, then convolve
-      y = torch.nn.functional.conv2d(torch.nn.functional.pad(a, (left, right, top, bottom)), b, stride=strides)
+      y = torch.nn.functional.conv2d(
+        torch.nn.functional.pad(a, (left, right, top, bottom)), b, stride=strides
+      )
     y.backward(y)
 
   return forward_backward
@@ -100,8 +116,11 @@ def _time_all(framework, config_path, batch, repeats):
     fn()
     fn()
     rows.append((lhs, rhs, strides, count, 1e3 * statistics.median(call_times(fn, repeats))))
-    print(f"  {framework}: {lhs} * {rhs} stride {strides[0]} x{count}: {rows[-1][-1]:.2f} ms", file=sys.stderr,
-          flush=True)
+    print(
+      f"  {framework}: {lhs} * {rhs} stride {strides[0]} x{count}: {rows[-1][-1]:.2f} ms",
+      file=sys.stderr,
+      flush=True,
+    )
   return rows
 
 
@@ -119,28 +138,59 @@ def main():
   print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
   timed = {}
   for framework in ("jax", "torch"):
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), f"--worker={framework}", f"--config={args.config}",
-                           f"--batch={args.batch}", f"--repeats={args.repeats}"], capture_output=True, text=True,
-                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    proc = subprocess.run(
+      [
+        sys.executable,
+        os.path.abspath(__file__),
+        f"--worker={framework}",
+        f"--config={args.config}",
+        f"--batch={args.batch}",
+        f"--repeats={args.repeats}",
+      ],
+      capture_output=True,
+      text=True,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+    )
     results = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not results:
-      raise RuntimeError(f"the {framework} worker failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    timed[framework] = json.loads(results[-1][len("RESULT "):])
-  assert [row[:4] for row in timed["jax"]] == [row[:4] for row in timed["torch"]], "workers saw different shapes"
-  rows = [dict(input=lhs, kernel=rhs, strides=strides, count=count, jax_ms=jax_ms, torch_ms=torch_row[-1])
-          for (lhs, rhs, strides, count, jax_ms), torch_row in zip(timed["jax"], timed["torch"], strict=True)]
+      raise RuntimeError(
+        f"the {framework} worker failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
+      )
+    timed[framework] = json.loads(results[-1][len("RESULT ") :])
+  assert [row[:4] for row in timed["jax"]] == [row[:4] for row in timed["torch"]], (
+    "workers saw different shapes"
+  )
+  rows = [
+    dict(input=lhs, kernel=rhs, strides=strides, count=count, jax_ms=jax_ms, torch_ms=torch_row[-1])
+    for (lhs, rhs, strides, count, jax_ms), torch_row in zip(
+      timed["jax"], timed["torch"], strict=True
+    )
+  ]
   print("\n| input (NHWC) | kernel | stride | count | XLA ms | PyTorch ms | PyTorch / XLA speed |")
   print("|---|---|---|---|---|---|---|")
   for r in rows:
-    print(f"| {r['input']} | {r['kernel'][2]}->{r['kernel'][3]} | {r['strides'][0]} | {r['count']} | "
-          f"{r['jax_ms']:.2f} | {r['torch_ms']:.2f} | {r['torch_ms'] / r['jax_ms']:.2f} |")
+    print(
+      f"| {r['input']} | {r['kernel'][2]}->{r['kernel'][3]} | {r['strides'][0]} | {r['count']} | "
+      f"{r['jax_ms']:.2f} | {r['torch_ms']:.2f} | {r['torch_ms'] / r['jax_ms']:.2f} |"
+    )
   total_jax = sum(r["count"] * r["jax_ms"] for r in rows)
   total_torch = sum(r["count"] * r["torch_ms"] for r in rows)
-  print(f"\nall convolutions of one train step, forward + backward: XLA {total_jax:.0f} ms, "
-        f"PyTorch {total_torch:.0f} ms (difference {total_jax - total_torch:+.0f} ms); "
-        f"load average after: {os.getloadavg()[0]:.2f}")
-  write_json(args.json, dict(config=args.config, batch=args.batch, rows=rows, total_jax_ms=total_jax,
-                             total_torch_ms=total_torch, jax=jax.__version__))
+  print(
+    f"\nall convolutions of one train step, forward + backward: XLA {total_jax:.0f} ms, "
+    f"PyTorch {total_torch:.0f} ms (difference {total_jax - total_torch:+.0f} ms); "
+    f"load average after: {os.getloadavg()[0]:.2f}"
+  )
+  write_json(
+    args.json,
+    dict(
+      config=args.config,
+      batch=args.batch,
+      rows=rows,
+      total_jax_ms=total_jax,
+      total_torch_ms=total_torch,
+      jax=jax.__version__,
+    ),
+  )
 
 
 if __name__ == "__main__":

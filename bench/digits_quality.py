@@ -27,7 +27,10 @@ from ml_collections import ConfigDict
 
 def to_8x8(images_uint8):
   """16x16 uint8 samples -> the 8x8, 0..16 features the classifier was trained on."""
-  small = [np.asarray(Image.fromarray(im[..., 0]).resize((8, 8), Image.BILINEAR), np.float64) for im in images_uint8]
+  small = [
+    np.asarray(Image.fromarray(im[..., 0]).resize((8, 8), Image.BILINEAR), np.float64)
+    for im in images_uint8
+  ]
   return np.stack(small).reshape(len(small), -1) * 16.0 / 255.0
 
 
@@ -38,28 +41,50 @@ def main(workdir, num_samples, *, sampling_overrides):
   d, model, tx, _ = state_lib.build(config)
   mesh = parallel.make_mesh()
   params, step = evaluate.restore_ema_params(config, workdir, model=model, tx=tx, mesh=mesh)
-  fn = sampling.make_sampler(model, d, mesh, image_shape=state_lib.image_shape(config),
-                             **sampling.sampler_options(config.sampling, d.num_timesteps))
+  fn = sampling.make_sampler(
+    model,
+    d,
+    mesh,
+    image_shape=state_lib.image_shape(config),
+    **sampling.sampler_options(config.sampling, d.num_timesteps),
+  )
   jax.block_until_ready(fn(params, jax.random.key(0), sampling.sample_ids(0, 100, mesh)))  # compile
   start = time.perf_counter()
-  samples = sampling.generate(fn, params, key=jax.random.key(123), num_samples=num_samples, batch_size=100,
-                              mesh=mesh)
+  samples = sampling.generate(
+    fn, params, key=jax.random.key(123), num_samples=num_samples, batch_size=100, mesh=mesh
+  )
   per_second = num_samples / (time.perf_counter() - start)
   digits = datasets.load_digits()
-  x_train, x_test, y_train, _ = model_selection.train_test_split(digits.data, digits.target, test_size=0.3,
-                                                                 random_state=0)
+  x_train, x_test, y_train, _ = model_selection.train_test_split(
+    digits.data, digits.target, test_size=0.3, random_state=0
+  )
   clf = linear_model.LogisticRegression(max_iter=5000).fit(x_train, y_train)
   # Real digits pass through the same 16x16 round trip as the samples.
-  real16 = np.stack([np.asarray(Image.fromarray(np.uint8(x.reshape(8, 8) * 255 / 16)).resize((16, 16), Image.BILINEAR))
-                     for x in x_test])[..., None]
+  real16 = np.stack(
+    [
+      np.asarray(
+        Image.fromarray(np.uint8(x.reshape(8, 8) * 255 / 16)).resize((16, 16), Image.BILINEAR)
+      )
+      for x in x_test
+    ]
+  )[..., None]
   rows = []
-  for name, feats in (("real (held out)", to_8x8(real16)), (f"samples (step {step})", to_8x8(samples))):
+  for name, feats in (
+    ("real (held out)", to_8x8(real16)),
+    (f"samples (step {step})", to_8x8(samples)),
+  ):
     p = clf.predict_proba(feats)
     hist = np.bincount(p.argmax(1), minlength=10) / len(p)
-    rows.append((name, len(p), p.max(1).mean(), (p.max(1) > 0.9).mean(), " ".join(f"{h:.2f}" for h in hist)))
+    rows.append(
+      (name, len(p), p.max(1).mean(), (p.max(1) > 0.9).mean(), " ".join(f"{h:.2f}" for h in hist))
+    )
   how = sampling.describe(config.sampling, d.num_timesteps)
-  print(f"sampler: {how}; {per_second:.1f} samples/s on {jax.device_count()} x {jax.devices()[0].device_kind}")
-  print(f"| images | n | mean confidence | share > 0.9 | class shares 0..9 |\n|---|---|---|---|---|")
+  print(
+    f"sampler: {how}; {per_second:.1f} samples/s on {jax.device_count()} x {jax.devices()[0].device_kind}"
+  )
+  print(
+    f"| images | n | mean confidence | share > 0.9 | class shares 0..9 |\n|---|---|---|---|---|"
+  )
   for r in rows:
     print(f"| {r[0]} | {r[1]} | {r[2]:.3f} | {r[3]:.3f} | {r[4]} |")
 
@@ -73,5 +98,13 @@ if __name__ == "__main__":
   parser.add_argument("--spacing", default="uniform")
   parser.add_argument("--eta", type=float, default=0.0)
   args = parser.parse_args()
-  main(args.workdir, args.num_samples, sampling_overrides={
-      "method": args.method, "num_steps": args.num_steps, "spacing": args.spacing, "eta": args.eta})
+  main(
+    args.workdir,
+    args.num_samples,
+    sampling_overrides={
+      "method": args.method,
+      "num_steps": args.num_steps,
+      "spacing": args.spacing,
+      "eta": args.eta,
+    },
+  )

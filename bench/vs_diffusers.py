@@ -47,6 +47,7 @@ def _best_time(fn, repeats):
 
 def _cifar10_config(*, batch, dtype):
   from ddpm_jax.configs import cifar10  # pylint: disable=g-import-not-at-top
+
   config = cifar10.get_config()
   config.model.dropout = 0.1  # the paper's CIFAR10 value, on both sides
   config.model.dtype = dtype
@@ -73,33 +74,55 @@ def jax_worker(spec):
   built = state_lib.build(config)
   mesh = parallel.make_mesh()
   shape = state_lib.image_shape(config)
-  out = dict(framework=f"jax {jax.__version__}", device=jax.devices()[0].device_kind, host_memory=host_memory,
-             xla_flags=os.environ.get("XLA_FLAGS", ""), threads=os.cpu_count())
+  out = dict(
+    framework=f"jax {jax.__version__}",
+    device=jax.devices()[0].device_kind,
+    host_memory=host_memory,
+    xla_flags=os.environ.get("XLA_FLAGS", ""),
+    threads=os.cpu_count(),
+  )
 
   a = jax.random.normal(jax.random.key(0), (MATMUL_N, MATMUL_N), jnp.float32)
   matmul = jax.jit(jnp.dot)
   matmul(a, a).block_until_ready()
-  out["matmul_gflops"] = 2 * MATMUL_N**3 / _best_time(lambda: matmul(a, a).block_until_ready(), 10) / 1e9
+  out["matmul_gflops"] = (
+    2 * MATMUL_N**3 / _best_time(lambda: matmul(a, a).block_until_ready(), 10) / 1e9
+  )
 
-  state = jax.jit(functools.partial(state_lib.init_state, built.model, built.tx, seed=0, shape=shape),
-                  out_shardings=parallel.replicated(mesh))()
+  state = jax.jit(
+    functools.partial(state_lib.init_state, built.model, built.tx, seed=0, shape=shape),
+    out_shardings=parallel.replicated(mesh),
+  )()
   rng = np.random.default_rng(0)
   if "forward" in spec["what"]:
     x = jnp.asarray(rng.uniform(-1, 1, (batch,) + shape), jnp.float32)
     t = jnp.asarray(rng.integers(0, 1000, batch), jnp.int32)
     t0 = time.perf_counter()
-    forward = jax.jit(lambda p, x, t: built.model.apply(p, x, t, train=False)).lower(state.params, x, t).compile()
+    forward = (
+      jax.jit(lambda p, x, t: built.model.apply(p, x, t, train=False))
+      .lower(state.params, x, t)
+      .compile()
+    )
     out["forward_compile_s"] = time.perf_counter() - t0
     out["forward_flops_per_image"] = _flops(forward) / batch
     t0 = time.perf_counter()
     for _ in range(spec["warmup"]):
       forward(state.params, x, t).block_until_ready()
     out["forward_warmup_s"] = time.perf_counter() - t0
-    out["forward_step_s"] = [_median_time(lambda: forward(state.params, x, t).block_until_ready(), 1)
-                             for _ in range(spec["steps"])]
+    out["forward_step_s"] = [
+      _median_time(lambda: forward(state.params, x, t).block_until_ready(), 1)
+      for _ in range(spec["steps"])
+    ]
   if "train" in spec["what"]:
-    step_fn = train.make_train_step(built.model, built.diffusion, built.tx, mesh, ema_decay=EMA_DECAY,
-                                    lr_fn=built.lr_fn, cpu_options=spec["cpu_options"])
+    step_fn = train.make_train_step(
+      built.model,
+      built.diffusion,
+      built.tx,
+      mesh,
+      ema_decay=EMA_DECAY,
+      lr_fn=built.lr_fn,
+      cpu_options=spec["cpu_options"],
+    )
     images = rng.integers(0, 256, (1, batch) + shape).astype(np.uint8)
     batches = parallel.global_batch(images, mesh, batch_axis=1)
     t0 = time.perf_counter()
@@ -139,13 +162,22 @@ def torch_worker(spec):
 
   batch = spec["batch"]
   config = _cifar10_config(batch=batch, dtype="float32")
-  kwargs = convert.diffusers_unet_config(config.model, image_size=32, num_channels=3, learned_variance=False)
+  kwargs = convert.diffusers_unet_config(
+    config.model, image_size=32, num_channels=3, learned_variance=False
+  )
   torch.manual_seed(0)
   model = diffusers.UNet2DModel(**kwargs)
-  out = dict(framework=f"torch {torch.__version__}, diffusers {diffusers.__version__}", device="cpu",
-             threads=torch.get_num_threads(), params=sum(p.numel() for p in model.parameters()))
-  autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if spec["dtype"] == "bfloat16" else (
-      contextlib.nullcontext)
+  out = dict(
+    framework=f"torch {torch.__version__}, diffusers {diffusers.__version__}",
+    device="cpu",
+    threads=torch.get_num_threads(),
+    params=sum(p.numel() for p in model.parameters()),
+  )
+  autocast = (
+    (lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    if spec["dtype"] == "bfloat16"
+    else (contextlib.nullcontext)
+  )
 
   a = torch.randn(MATMUL_N, MATMUL_N)
   torch.mm(a, a)
@@ -217,11 +249,16 @@ def _sides(args):
 def _run_worker(worker, spec, xla_flags):
   env = dict(os.environ, XLA_FLAGS=xla_flags, TF_CPP_MIN_LOG_LEVEL="3")
   env.setdefault("JAX_PLATFORMS", "cpu") if spec["cpu"] else None
-  proc = subprocess.run([sys.executable, os.path.abspath(__file__), f"--worker={worker}",
-                         f"--spec={json.dumps(spec)}"], env=env, capture_output=True, text=True, cwd=REPO)
+  proc = subprocess.run(
+    [sys.executable, os.path.abspath(__file__), f"--worker={worker}", f"--spec={json.dumps(spec)}"],
+    env=env,
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+  )
   for line in proc.stdout.splitlines():
     if line.startswith("RESULT "):
-      return json.loads(line[len("RESULT "):])
+      return json.loads(line[len("RESULT ") :])
   raise RuntimeError(f"{worker} worker failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
 
 
@@ -229,9 +266,15 @@ def _machine():
   model = ""
   if os.path.exists("/proc/cpuinfo"):
     with open("/proc/cpuinfo") as f:
-      model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-  return dict(cpu=model or platform.processor(), cores=os.cpu_count(), system=platform.platform(),
-              python=platform.python_version())
+      model = next(
+        (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), ""
+      )
+  return dict(
+    cpu=model or platform.processor(),
+    cores=os.cpu_count(),
+    system=platform.platform(),
+    python=platform.python_version(),
+  )
 
 
 def _summarise(rounds, labels, what, batch):
@@ -240,14 +283,20 @@ def _summarise(rounds, labels, what, batch):
     for kind in what:
       medians = [statistics.median(r[label][f"{kind}_step_s"]) for r in rounds]
       summary.setdefault(label, {})[kind] = dict(
-          median_step_s=statistics.median(medians), round_medians_s=medians,
-          images_per_s=batch / statistics.median(medians))
+        median_step_s=statistics.median(medians),
+        round_medians_s=medians,
+        images_per_s=batch / statistics.median(medians),
+      )
     summary[label]["matmul_gflops"] = statistics.median(r[label]["matmul_gflops"] for r in rounds)
-  for label in labels:  # both sides of a ratio measured minutes apart: robust to slow drifts in load
+  for (
+    label
+  ) in labels:  # both sides of a ratio measured minutes apart: robust to slow drifts in load
     for kind in what:
       summary[label][kind]["ratio_per_round"] = [
-          statistics.median(r["diffusers"][f"{kind}_step_s"]) / statistics.median(r[label][f"{kind}_step_s"])
-          for r in rounds]
+        statistics.median(r["diffusers"][f"{kind}_step_s"])
+        / statistics.median(r[label][f"{kind}_step_s"])
+        for r in rounds
+      ]
   return summary
 
 
@@ -262,30 +311,50 @@ def _print_table(summary, labels, what, *, batch, flops_per_image):
       rate = s["images_per_s"]
       achieved = rate * flops_per_image.get(kind, float("nan")) / 1e9
       spread = ", ".join(f"{batch / m:.2f}" for m in s["round_medians_s"])
-      cells.append(f"{rate:.2f} img/s ({s['median_step_s']:.2f} s/step; rounds {spread}; {achieved:.0f} GFLOP/s)")
+      cells.append(
+        f"{rate:.2f} img/s ({s['median_step_s']:.2f} s/step; rounds {spread}; {achieved:.0f} GFLOP/s)"
+      )
     ratio = summary[labels[0]][kind]["images_per_s"] / summary[reference][kind]["images_per_s"]
     per_round = ", ".join(f"{r:.2f}" for r in summary[labels[0]][kind]["ratio_per_round"])
-    print(f"| {'forward pass (eval)' if kind == 'forward' else 'train step'} | {' | '.join(cells)} | "
-          f"**{ratio:.2f}x** (per round {per_round}) |")
+    print(
+      f"| {'forward pass (eval)' if kind == 'forward' else 'train step'} | {' | '.join(cells)} | "
+      f"**{ratio:.2f}x** (per round {per_round}) |"
+    )
   peaks = ", ".join(f"{label} {summary[label]['matmul_gflops']:.0f}" for label in labels)
   print(f"\nfloat32 matmul {MATMUL_N}x{MATMUL_N} GFLOP/s: {peaks}")
-  print("FLOPs per image (XLA cost analysis): " + ", ".join(
-      f"{kind} {flops_per_image[kind] / 1e9:.1f} G" for kind in what if kind in flops_per_image))
+  print(
+    "FLOPs per image (XLA cost analysis): "
+    + ", ".join(
+      f"{kind} {flops_per_image[kind] / 1e9:.1f} G" for kind in what if kind in flops_per_image
+    )
+  )
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--batch", type=int, default=16)
   parser.add_argument("--rounds", type=int, default=3)
-  parser.add_argument("--steps", type=int, default=5, help="timed steps per round and side (median taken)")
-  parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (JAX compiles before them)")
+  parser.add_argument(
+    "--steps", type=int, default=5, help="timed steps per round and side (median taken)"
+  )
+  parser.add_argument(
+    "--warmup", type=int, default=2, help="untimed steps first (JAX compiles before them)"
+  )
   parser.add_argument("--what", default="forward,train")
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-  parser.add_argument("--cpu_options", default="on", choices=["on", "off", "both"],
-                      help="the train step's CPU settings on the JAX side (ddpm_jax.xla_cpu: compile options, "
-                           "synchronous dispatch, glibc keeping freed memory), as ddpm_jax.main uses them")
-  parser.add_argument("--extra_xla_flags", default="", help="more XLA flags for the JAX side (experiments)")
-  parser.add_argument("--gpu", action="store_true", help="let JAX use an accelerator (default: JAX_PLATFORMS=cpu)")
+  parser.add_argument(
+    "--cpu_options",
+    default="on",
+    choices=["on", "off", "both"],
+    help="the train step's CPU settings on the JAX side (ddpm_jax.xla_cpu: compile options, "
+    "synchronous dispatch, glibc keeping freed memory), as ddpm_jax.main uses them",
+  )
+  parser.add_argument(
+    "--extra_xla_flags", default="", help="more XLA flags for the JAX side (experiments)"
+  )
+  parser.add_argument(
+    "--gpu", action="store_true", help="let JAX use an accelerator (default: JAX_PLATFORMS=cpu)"
+  )
   parser.add_argument("--json", default=os.path.join(REPO, "bench", "results", "vs_diffusers.json"))
   parser.add_argument("--worker", help=argparse.SUPPRESS)
   parser.add_argument("--spec", help=argparse.SUPPRESS)
@@ -296,7 +365,14 @@ def main():
     return
 
   what = [w for w in args.what.split(",") if w]
-  spec = dict(batch=args.batch, steps=args.steps, warmup=args.warmup, what=what, dtype=args.dtype, cpu=not args.gpu)
+  spec = dict(
+    batch=args.batch,
+    steps=args.steps,
+    warmup=args.warmup,
+    what=what,
+    dtype=args.dtype,
+    cpu=not args.gpu,
+  )
   sides = _sides(args)
   labels = [label for label, *_ in sides]
   rounds, load = [], []
@@ -311,23 +387,39 @@ def main():
     load.append((load_before, os.getloadavg()[0]))
   flops_per_image = {kind: rounds[0][labels[0]][f"{kind}_flops_per_image"] for kind in what}
   summary = _summarise(rounds, labels, what, args.batch)
-  print(f"\nddpm_jax vs diffusers UNet2DModel, CIFAR10 model, {args.dtype}, batch {args.batch}, "
-        f"{args.rounds} rounds x {args.steps} timed steps; machine: {_machine()['cpu']} ({os.cpu_count()} cores); "
-        f"1-min load average per round: {', '.join(f'{a:.1f}-{b:.1f}' for a, b in load)}")
+  print(
+    f"\nddpm_jax vs diffusers UNet2DModel, CIFAR10 model, {args.dtype}, batch {args.batch}, "
+    f"{args.rounds} rounds x {args.steps} timed steps; machine: {_machine()['cpu']} ({os.cpu_count()} cores); "
+    f"1-min load average per round: {', '.join(f'{a:.1f}-{b:.1f}' for a, b in load)}"
+  )
   for label, _, xla_flags, _ in sides:
     options = rounds[0][label].get("train_step_options")
-    print(f"  {label}: {rounds[0][label]['framework']}" + (f", XLA_FLAGS='{xla_flags}'" if xla_flags else "")
-          + (f", train step compiled with {options}" if options else "")
-          + (", host memory kept (synchronous dispatch, glibc keeps freed memory)"
-             if rounds[0][label].get("host_memory") else ""))
+    print(
+      f"  {label}: {rounds[0][label]['framework']}"
+      + (f", XLA_FLAGS='{xla_flags}'" if xla_flags else "")
+      + (f", train step compiled with {options}" if options else "")
+      + (
+        ", host memory kept (synchronous dispatch, glibc keeps freed memory)"
+        if rounds[0][label].get("host_memory")
+        else ""
+      )
+    )
   _print_table(summary, labels, what, batch=args.batch, flops_per_image=flops_per_image)
   busy = [r + 1 for r, pair in enumerate(load) if max(pair) > 1.5 * (os.cpu_count() or 1)]
   if busy:
-    print(f"\nWARNING: the machine was busy in round(s) {busy} (1-min load average above 1.5 x {os.cpu_count()} "
-          "cores): other processes distort these numbers, PyTorch's more than XLA's; rerun on a quiet machine.")
-  record = dict(args={k: v for k, v in vars(args).items() if k not in ("worker", "spec")}, machine=_machine(),
-                load_average_per_round=load, flops_per_image=flops_per_image, summary=summary, rounds=rounds,
-                time=time.strftime("%Y-%m-%d %H:%M:%S"))
+    print(
+      f"\nWARNING: the machine was busy in round(s) {busy} (1-min load average above 1.5 x {os.cpu_count()} "
+      "cores): other processes distort these numbers, PyTorch's more than XLA's; rerun on a quiet machine."
+    )
+  record = dict(
+    args={k: v for k, v in vars(args).items() if k not in ("worker", "spec")},
+    machine=_machine(),
+    load_average_per_round=load,
+    flops_per_image=flops_per_image,
+    summary=summary,
+    rounds=rounds,
+    time=time.strftime("%Y-%m-%d %H:%M:%S"),
+  )
   write_json(args.json, record)
 
 

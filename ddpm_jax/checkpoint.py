@@ -71,8 +71,12 @@ def _sha256(path: str) -> str:
 
 def record_digests(directory: str) -> None:
   """Writes DIGEST_FILE (size and SHA-256 of every file) into a committed checkpoint folder."""
-  digests = {f: dict(size=os.path.getsize(os.path.join(directory, f)), sha256=_sha256(os.path.join(directory, f)))
-             for f in _files(directory)}
+  digests = {
+    f: dict(
+      size=os.path.getsize(os.path.join(directory, f)), sha256=_sha256(os.path.join(directory, f))
+    )
+    for f in _files(directory)
+  }
   path = os.path.join(directory, DIGEST_FILE)
   with open(path + ".tmp", "w") as f:
     json.dump(dict(files=digests), f, indent=1, sort_keys=True)
@@ -139,7 +143,9 @@ def _storage_errors(what: str, manager):
     reason = _os_reason(e)
     if reason is None:
       raise
-    raise OSError(f"Could not {what} in {manager.directory}: {reason}; {_earlier(manager)}.") from None
+    raise OSError(
+      f"Could not {what} in {manager.directory}: {reason}; {_earlier(manager)}."
+    ) from None
 
 
 def _identity(directory: str):
@@ -179,8 +185,10 @@ class Manager(ocp.CheckpointManager):
   def save(self, step: int, *args, **kwargs) -> bool:
     self.wait_until_finished()  # orbax would wait here anyway; this also records the previous digests
     if self.vanished():  # orbax would create it again and carry on writing into an empty run
-      raise OSError(f"Could not write the checkpoint of step {step}: {self.directory} was removed or replaced "
-                    "during the run; restore it (or start again with a new --workdir).")
+      raise OSError(
+        f"Could not write the checkpoint of step {step}: {self.directory} was removed or replaced "
+        "during the run; restore it (or start again with a new --workdir)."
+      )
     self._in_flight = step
     with _storage_errors(f"start writing the checkpoint of step {step}", self):
       saved = super().save(step, *args, **kwargs)
@@ -205,8 +213,10 @@ class Manager(ocp.CheckpointManager):
     for step in steps:
       directory = _step_dir(self, step)
       if not os.path.isdir(directory):  # keep_checkpoints never removes the newest step at once
-        raise OSError(f"Could not write the checkpoint of step {step} in {self.directory}: orbax did not commit "
-                      f"it (--verbose shows its report); {_earlier(self)}.")
+        raise OSError(
+          f"Could not write the checkpoint of step {step} in {self.directory}: orbax did not commit "
+          f"it (--verbose shows its report); {_earlier(self)}."
+        )
       with _storage_errors(f"record the digests of the checkpoint of step {step}", self):
         record_digests(directory)
       self.forget(step)
@@ -226,10 +236,14 @@ def make_manager(workdir: str, *, keep: int, read_only: bool = False) -> Manager
   """An async manager keeping the newest `keep` checkpoints, or a read-only one (for sampling/evaluation)."""
   # Step folders are created in the calling thread: created in the background, a refused mkdir leaves
   # the save waiting minutes for a signal that never comes.
-  options = ocp.CheckpointManagerOptions(max_to_keep=None if read_only else keep, create=not read_only,
-                                         read_only=read_only, enable_async_checkpointing=not read_only,
-                                         save_interval_steps=0 if read_only else 1,
-                                         async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
+  options = ocp.CheckpointManagerOptions(
+    max_to_keep=None if read_only else keep,
+    create=not read_only,
+    read_only=read_only,
+    enable_async_checkpointing=not read_only,
+    save_interval_steps=0 if read_only else 1,
+    async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
+  )
   # orbax warns that a read-only manager is read only; that is what was asked for, not news for the log.
   drop = lambda record: not _is_read_only_notice(record)
   absl_logger = logging.get_absl_logger()
@@ -254,7 +268,9 @@ def _restore_one(manager: Manager, step: int, *, abstract_state, data_iterator):
   where = f"The checkpoint of step {step} in {manager.directory}"
   try:
     damage, recorded = manager.damage(step), True
-  except FileNotFoundError:  # written by a run that stopped before recording it: orbax decides below
+  except (
+    FileNotFoundError
+  ):  # written by a run that stopped before recording it: orbax decides below
     damage, recorded = None, False
   if damage:
     raise CheckpointError(f"{where} is corrupt: {damage}.")
@@ -264,8 +280,11 @@ def _restore_one(manager: Manager, step: int, *, abstract_state, data_iterator):
     items["data"] = grain_checkpoint.CheckpointRestore(data_iterator)
   if recorded:  # verified: a failure now is a bug, not damage
     return manager.restore(step, args=ocp.args.Composite(**items)).state
-  logging.warning("%s has no digest record (the run stopped before writing it), so only orbax can tell "
-                  "whether it is intact.", where)
+  logging.warning(
+    "%s has no digest record (the run stopped before writing it), so only orbax can tell "
+    "whether it is intact.",
+    where,
+  )
   try:
     return manager.restore(step, args=ocp.args.Composite(**items)).state
   except Exception as e:  # pylint: disable=broad-except
@@ -286,8 +305,14 @@ def _set_aside(manager: Manager, step: int, workdir: str) -> str:
   return target
 
 
-def restore(manager: Manager, *, abstract_state, data_iterator=None, step: int | None = None,
-            set_aside_corrupt: bool = False):
+def restore(
+  manager: Manager,
+  *,
+  abstract_state,
+  data_iterator=None,
+  step: int | None = None,
+  set_aside_corrupt: bool = False,
+):
   """The train state (and iterator position) of `step`, or of the newest intact checkpoint.
 
   A named step that is corrupt is a CheckpointError. Without a step, corrupt checkpoints are skipped
@@ -300,7 +325,9 @@ def restore(manager: Manager, *, abstract_state, data_iterator=None, step: int |
   skipped = []
   for candidate in sorted(manager.all_steps(), reverse=True):
     try:
-      state = _restore_one(manager, candidate, abstract_state=abstract_state, data_iterator=data_iterator)
+      state = _restore_one(
+        manager, candidate, abstract_state=abstract_state, data_iterator=data_iterator
+      )
     except CheckpointError as e:
       skipped.append(str(e))
       note = ""
@@ -312,13 +339,16 @@ def restore(manager: Manager, *, abstract_state, data_iterator=None, step: int |
       _sync_processes("ddpm_jax_set_aside")
       manager.reload()
     return state
-  raise CheckpointError(f"No intact checkpoint in {manager.directory}: {' '.join(skipped)} Move the folder "
-                        "away to start from scratch, or restore it from a copy.")
+  raise CheckpointError(
+    f"No intact checkpoint in {manager.directory}: {' '.join(skipped)} Move the folder "
+    "away to start from scratch, or restore it from a copy."
+  )
 
 
 def _sync_processes(name: str):
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     multihost_utils.sync_global_devices(name)
 
 
@@ -326,11 +356,15 @@ def resolve_step(manager: Manager, workdir: str, step: int = -1) -> int:
   """The newest intact step (step = -1) or the named one; a clear error when there is none or it is corrupt."""
   steps = manager.all_steps()
   if not steps:
-    raise CheckpointError(f"No checkpoint found in {checkpoint_dir(workdir)}: train first "
-                          f"(--mode=train --workdir={workdir}) or point --workdir at a run with checkpoints.")
+    raise CheckpointError(
+      f"No checkpoint found in {checkpoint_dir(workdir)}: train first "
+      f"(--mode=train --workdir={workdir}) or point --workdir at a run with checkpoints."
+    )
   if step >= 0 and step not in steps:
-    raise CheckpointError(f"No checkpoint for step {step} in {checkpoint_dir(workdir)}; "
-                          f"available steps: {sorted(steps)}.")
+    raise CheckpointError(
+      f"No checkpoint for step {step} in {checkpoint_dir(workdir)}; "
+      f"available steps: {sorted(steps)}."
+    )
   candidates = [step] if step >= 0 else sorted(steps, reverse=True)
   for candidate in candidates:
     try:
@@ -342,10 +376,14 @@ def resolve_step(manager: Manager, workdir: str, step: int = -1) -> int:
     where = f"The checkpoint of step {candidate} in {checkpoint_dir(workdir)} is corrupt: {damage}"
     if step >= 0:
       others = [s for s in sorted(steps) if s != step]
-      raise CheckpointError(f"{where}; choose another step{' (' + ', '.join(map(str, others)) + ')' if others else ''}.")
+      raise CheckpointError(
+        f"{where}; choose another step{' (' + ', '.join(map(str, others)) + ')' if others else ''}."
+      )
     logging.warning("%s; using an older one.", where)
-  raise CheckpointError(f"No intact checkpoint in {checkpoint_dir(workdir)}: every one is corrupt "
-                        "(see the warnings above).")
+  raise CheckpointError(
+    f"No intact checkpoint in {checkpoint_dir(workdir)}: every one is corrupt "
+    "(see the warnings above)."
+  )
 
 
 def newest_on_disk(manager: Manager) -> str:
@@ -374,14 +412,18 @@ def check_compatible(saved: dict, config: ml_collections.ConfigDict, *, source: 
   for key in MODEL_KEYS:
     old, new = _normalise(_get(saved, key)), _normalise(_get(current, key))
     if isinstance(old, dict) and isinstance(new, dict):
-      diffs += [f"{key}.{k}: {old.get(k)!r} -> {new.get(k)!r}"
-                for k in sorted(set(old) | set(new))
-                if old.get(k) != new.get(k) and f"{key}.{k}" not in COMPUTE_ONLY_KEYS]
+      diffs += [
+        f"{key}.{k}: {old.get(k)!r} -> {new.get(k)!r}"
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k) and f"{key}.{k}" not in COMPUTE_ONLY_KEYS
+      ]
     elif old != new:
       diffs.append(f"{key}: {old!r} -> {new!r}")
   if diffs:
-    raise CheckpointError(f"The config differs from the one {source} was trained with in "
-                          f"{', '.join(diffs)}; use a new --workdir or the original settings.")
+    raise CheckpointError(
+      f"The config differs from the one {source} was trained with in "
+      f"{', '.join(diffs)}; use a new --workdir or the original settings."
+    )
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> str:
@@ -402,5 +444,7 @@ def read_config(workdir: str) -> dict | None:
   try:
     return json.loads(path.read_text())
   except ValueError as e:
-    raise CheckpointError(f"{path} is not valid JSON ({e}); restore it from the newest checkpoint's "
-                          "config item or a copy.") from None
+    raise CheckpointError(
+      f"{path} is not valid JSON ({e}); restore it from the newest checkpoint's "
+      "config item or a copy."
+    ) from None

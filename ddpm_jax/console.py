@@ -28,7 +28,9 @@ def _failure_site(path: str, error: BaseException) -> str:
   else:
     frames = traceback.extract_tb(error.__traceback__)
     mine = [f for f in frames if os.path.abspath(f.filename) == os.path.abspath(path)] or frames
-    filename, lineno, code = (mine[-1].filename, mine[-1].lineno, mine[-1].line) if mine else (path, "?", "")
+    filename, lineno, code = (
+      (mine[-1].filename, mine[-1].lineno, mine[-1].line) if mine else (path, "?", "")
+    )
   code = f" (`{code.strip()}`)" if code and code.strip() else ""
   return f"{filename}, line {lineno}{code}: {type(error).__name__}: {message}".rstrip(": ")
 
@@ -38,7 +40,6 @@ def checked_config_parser(parser):
   the file is missing, does not compile, or its get_config() raises or returns something else."""
 
   class CheckedParser(type(parser)):
-
     def parse(self, path):
       file = path.split(":", 1)[0]
       if not os.path.isfile(file):
@@ -48,12 +49,20 @@ def checked_config_parser(parser):
       except Exception as e:  # pylint: disable=broad-except
         # ml_collections re-raises TypeError/ValueError with the traceback as text; report the original.
         original = (e.__context__ or e) if "Error whilst parsing" in str(e) else e
-        raise ConfigFileError(f"The config file {file} failed at {_failure_site(file, original)}.") from None
+        raise ConfigFileError(
+          f"The config file {file} failed at {_failure_site(file, original)}."
+        ) from None
       if not isinstance(config, ml_collections.ConfigDict):
-        deferred = getattr(config, "_error", None)  # ml_collections defers an OSError of get_config to first use
+        deferred = getattr(
+          config, "_error", None
+        )  # ml_collections defers an OSError of get_config to first use
         if deferred is not None:
-          raise ConfigFileError(f"The config file {file} failed at {_failure_site(file, deferred)}.")
-        raise ConfigFileError(f"get_config() in {file} returned {type(config).__name__}, not a ConfigDict.")
+          raise ConfigFileError(
+            f"The config file {file} failed at {_failure_site(file, deferred)}."
+          )
+        raise ConfigFileError(
+          f"get_config() in {file} returned {type(config).__name__}, not a ConfigDict."
+        )
       return config
 
   checked = CheckedParser.__new__(CheckedParser)
@@ -85,7 +94,10 @@ def _is_background_noise(record: std_logging.LogRecord) -> bool:
 
 
 def _from_background(tb) -> bool:
-  return any("/orbax/" in f.filename or "/asyncio/" in f.filename for f in (traceback.extract_tb(tb) if tb else []))
+  return any(
+    "/orbax/" in f.filename or "/asyncio/" in f.filename
+    for f in (traceback.extract_tb(tb) if tb else [])
+  )
 
 
 def quiet_background(verbose: bool) -> None:
@@ -102,9 +114,17 @@ def quiet_background(verbose: bool) -> None:
     return
   logging.get_absl_handler().addFilter(lambda record: not _is_background_noise(record))
   std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
-  unraisable_hook, thread_hook, except_hook = sys.unraisablehook, threading.excepthook, sys.excepthook
-  sys.unraisablehook = lambda info: None if _from_background(info.exc_traceback) else unraisable_hook(info)
-  threading.excepthook = lambda args: None if _from_background(args.exc_traceback) else thread_hook(args)
+  unraisable_hook, thread_hook, except_hook = (
+    sys.unraisablehook,
+    threading.excepthook,
+    sys.excepthook,
+  )
+  sys.unraisablehook = lambda info: (
+    None if _from_background(info.exc_traceback) else unraisable_hook(info)
+  )
+  threading.excepthook = lambda args: (
+    None if _from_background(args.exc_traceback) else thread_hook(args)
+  )
 
   def excepthook(kind, value, tb):  # TensorStore's threads print a failed asyncio callback this way
     if threading.current_thread() is threading.main_thread() or not _from_background(tb):

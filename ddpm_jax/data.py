@@ -71,8 +71,11 @@ def _fit_array(array: np.ndarray, size: int) -> np.ndarray:
 def _digits(image_size: int) -> np.ndarray:
   """scikit-learn's 1,797 8x8 digits (0..16) as uint8 0..255, bilinearly upscaled; read-only."""
   from sklearn import datasets  # pylint: disable=g-import-not-at-top
+
   small = np.round(datasets.load_digits().images * (255.0 / 16.0)).astype(np.uint8)
-  big = [np.asarray(Image.fromarray(im).resize((image_size, image_size), Image.BILINEAR)) for im in small]
+  big = [
+    np.asarray(Image.fromarray(im).resize((image_size, image_size), Image.BILINEAR)) for im in small
+  ]
   images = np.stack(big)[..., None]
   images.flags.writeable = False
   return images
@@ -118,8 +121,10 @@ class TfdsImageSource:
 def _image_paths(folder: str) -> list[pathlib.Path]:
   """Sorted PNG/JPEG files (any case of the suffix) anywhere under `folder`."""
   if not folder:
-    raise DatasetError("config.data.image_folder is empty; set it to a folder of PNG/JPEG images "
-                       "when config.data.dataset = 'image_folder'.")
+    raise DatasetError(
+      "config.data.image_folder is empty; set it to a folder of PNG/JPEG images "
+      "when config.data.dataset = 'image_folder'."
+    )
   root = pathlib.Path(folder).expanduser()
   if not root.is_dir():
     raise DatasetError(f"config.data.image_folder = {folder!r} is not an existing folder.")
@@ -146,7 +151,10 @@ def hide_accelerators_from_tensorflow():
   for kind in ("GPU", "TPU"):
     try:
       tf.config.set_visible_devices([], kind)
-    except (RuntimeError, ValueError) as e:  # TF already initialised its devices: nothing more to do.
+    except (
+      RuntimeError,
+      ValueError,
+    ) as e:  # TF already initialised its devices: nothing more to do.
       logging.warning("Could not hide %s devices from TensorFlow: %s", kind, e)
 
 
@@ -154,10 +162,13 @@ def _import_tfds():
   """tensorflow_datasets, imported only after TensorFlow has been kept off the accelerators."""
   hide_accelerators_from_tensorflow()
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   return tfds
 
 
-def _network_reachable(host: str = "storage.googleapis.com", port: int = 443, timeout: float = 5.0) -> bool:
+def _network_reachable(
+  host: str = "storage.googleapis.com", port: int = 443, timeout: float = 5.0
+) -> bool:
   """Whether a download could start, checked in <= `timeout` s: TFDS itself retries for minutes offline."""
   if any(os.environ.get(v) for v in _PROXY_VARS):
     return True  # Only the proxy knows; let TFDS try.
@@ -174,7 +185,9 @@ def _tfds_name(dataset: str) -> str:
     return _TFDS_NAMES[dataset]
   if dataset.startswith("lsun/") and len(dataset) > len("lsun/"):
     return dataset
-  raise DatasetError(f"config.data.dataset = {dataset!r} is unknown; known datasets: {', '.join(_KNOWN)}.")
+  raise DatasetError(
+    f"config.data.dataset = {dataset!r} is unknown; known datasets: {', '.join(_KNOWN)}."
+  )
 
 
 def _tfds_builder(tfds, name: str, data_dir: str | None):
@@ -198,19 +211,28 @@ def _download_and_prepare(tfds, builder, *, name: str, split: str, data_dir: str
       builder.download_and_prepare(download_config=config, file_format="array_record")
     except Exception as e:  # pylint: disable=broad-except
       raise DatasetError(
-          f"dataset {name!r} is not prepared in {where} and needs a manual download: {e} Then run again, "
-          "or point --config.data.tfds_data_dir at a prepared copy.") from e
+        f"dataset {name!r} is not prepared in {where} and needs a manual download: {e} Then run again, "
+        "or point --config.data.tfds_data_dir at a prepared copy."
+      ) from e
     return
   if not _network_reachable():
     raise DatasetError(
-        f"dataset {name!r} is not prepared in {where} and could not be downloaded (no network): run once "
-        "with internet, or point --config.data.tfds_data_dir at a prepared copy.")
+      f"dataset {name!r} is not prepared in {where} and could not be downloaded (no network): run once "
+      "with internet, or point --config.data.tfds_data_dir at a prepared copy."
+    )
   logging.info("Downloading and preparing %s into %s (once).", name, where)
   try:
-    tfds.data_source(name, split=split, data_dir=data_dir, download=True,
-                     builder_kwargs={"file_format": "array_record"})
+    tfds.data_source(
+      name,
+      split=split,
+      data_dir=data_dir,
+      download=True,
+      builder_kwargs={"file_format": "array_record"},
+    )
   except Exception as e:  # pylint: disable=broad-except
-    raise DatasetError(f"dataset {name!r} could not be downloaded and prepared in {where}: {e}") from e
+    raise DatasetError(
+      f"dataset {name!r} could not be downloaded and prepared in {where}: {e}"
+    ) from e
 
 
 def _tfds_source(dataset: str, *, split: str, data_dir: str | None):
@@ -225,7 +247,8 @@ def _tfds_source(dataset: str, *, split: str, data_dir: str | None):
     if builder.is_prepared():
       splits = ", ".join(sorted(builder.info.splits)) or "none"
       raise DatasetError(
-          f"cannot read split {split!r} of {name!r} from {builder.data_dir} (splits: {splits}): {e}") from e
+        f"cannot read split {split!r} of {name!r} from {builder.data_dir} (splits: {splits}): {e}"
+      ) from e
   _download_and_prepare(tfds, builder, name=name, split=split, data_dir=data_dir)
   return tfds.data_source(name, download=False, **kwargs)
 
@@ -247,20 +270,33 @@ def _check_first_image(source, data_config):
   image = source[0]
   size, channels = data_config.image_size, data_config.num_channels
   if image.shape[-1] != channels:
-    raise DatasetError(f"config.data.dataset = {data_config.dataset!r} has {image.shape[-1]}-channel images "
-                       f"but config.data.num_channels = {channels}.")
-  assert image.shape == (size, size, channels) and image.dtype == np.uint8, (image.shape, image.dtype)
+    raise DatasetError(
+      f"config.data.dataset = {data_config.dataset!r} has {image.shape[-1]}-channel images "
+      f"but config.data.num_channels = {channels}."
+    )
+  assert image.shape == (size, size, channels) and image.dtype == np.uint8, (
+    image.shape,
+    image.dtype,
+  )
 
 
 def load_images(data_config, *, split: str):
   """The random-access source of `split`: `len(src)`, `src[i]` -> uint8 [image_size, image_size, C]."""
   _check_shape_config(data_config)
-  dataset, size, channels = data_config.dataset, int(data_config.image_size), data_config.num_channels
+  dataset, size, channels = (
+    data_config.dataset,
+    int(data_config.image_size),
+    data_config.num_channels,
+  )
   if dataset == "digits":
     if split not in ("train", "test"):
-      raise DatasetError(f"the digits dataset has splits 'train' and 'test' (the same images), not {split!r}.")
+      raise DatasetError(
+        f"the digits dataset has splits 'train' and 'test' (the same images), not {split!r}."
+      )
     if channels != 1:
-      raise DatasetError(f"the digits dataset is grayscale: set config.data.num_channels = 1, not {channels}.")
+      raise DatasetError(
+        f"the digits dataset is grayscale: set config.data.num_channels = 1, not {channels}."
+      )
     source = _digits(size)
   elif dataset == "image_folder":
     paths = _image_paths(data_config.image_folder)
@@ -292,14 +328,19 @@ def _check_sharding(*, global_batch_size: int, process_index: int, process_count
   if global_batch_size <= 0:
     raise DatasetError(f"config.training.batch_size = {global_batch_size} must be positive.")
   if process_count <= 0 or not 0 <= process_index < process_count:
-    raise DatasetError(f"process_index {process_index} is not in [0, process_count = {process_count}).")
+    raise DatasetError(
+      f"process_index {process_index} is not in [0, process_count = {process_count})."
+    )
   if global_batch_size % process_count:
-    raise DatasetError(f"config.training.batch_size = {global_batch_size} is not divisible by the "
-                       f"{process_count} processes.")
+    raise DatasetError(
+      f"config.training.batch_size = {global_batch_size} is not divisible by the "
+      f"{process_count} processes."
+    )
 
 
-def train_iterator(data_config, *, global_batch_size: int, seed: int, process_index: int = 0,
-                   process_count: int = 1) -> grain.DatasetIterator:
+def train_iterator(
+  data_config, *, global_batch_size: int, seed: int, process_index: int = 0, process_count: int = 1
+) -> grain.DatasetIterator:
   """Endless uint8 batches [global_batch_size // process_count, H, W, C] for this process.
 
   One global stream: epoch e is the whole dataset shuffled with a seed folded with e (Grain's
@@ -308,12 +349,15 @@ def train_iterator(data_config, *, global_batch_size: int, seed: int, process_in
   process p takes blocks p, p + P, p + 2P, ..., so global batch s is the concatenation over
   processes of their s-th batches whatever P is, and each process decodes only its own rows.
   """
-  _check_sharding(global_batch_size=global_batch_size, process_index=process_index,
-                  process_count=process_count)
+  _check_sharding(
+    global_batch_size=global_batch_size, process_index=process_index, process_count=process_count
+  )
   source = load_images(data_config, split=data_config.split)
   if len(source) < global_batch_size:
-    raise DatasetError(f"config.data.dataset = {data_config.dataset!r} has {len(source)} examples, fewer than "
-                       f"one global batch (config.training.batch_size = {global_batch_size}).")
+    raise DatasetError(
+      f"config.data.dataset = {data_config.dataset!r} has {len(source)} examples, fewer than "
+      f"one global batch (config.training.batch_size = {global_batch_size})."
+    )
   shuffle_seed, flip_seed = _derived_seeds(seed)
   ds = grain.MapDataset.source(source).shuffle(seed=shuffle_seed).repeat()
   if data_config.random_flip:
@@ -322,20 +366,30 @@ def train_iterator(data_config, *, global_batch_size: int, seed: int, process_in
   ds = ds[process_index::process_count]
   it_ds = ds.to_iter_dataset(_READ_OPTIONS)
   if data_config.num_workers > 0:
-    if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; parsing them is the caller's business
-      raise DatasetError(f"config.data.num_workers = {data_config.num_workers} starts Grain worker processes, "
-                         "which read absl flags: call absl.flags.FLAGS.mark_as_parsed() first (main does).")
-    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(data_config.num_workers)))
+    if (
+      not flags.FLAGS.is_parsed()
+    ):  # Grain's workers read absl flags; parsing them is the caller's business
+      raise DatasetError(
+        f"config.data.num_workers = {data_config.num_workers} starts Grain worker processes, "
+        "which read absl flags: call absl.flags.FLAGS.mark_as_parsed() first (main does)."
+      )
+    it_ds = it_ds.mp_prefetch(
+      grain.MultiprocessingOptions(num_workers=int(data_config.num_workers))
+    )
   return iter(it_ds)
 
 
 def eval_batches(data_config, *, split: str, batch_size: int, num_examples: int):
   """The first `num_examples` images of `split` in order, unflipped, in uint8 batches of <= batch_size."""
   if batch_size <= 0 or num_examples <= 0:
-    raise DatasetError(f"evaluation batch_size ({batch_size}) and num_examples ({num_examples}) must be positive.")
+    raise DatasetError(
+      f"evaluation batch_size ({batch_size}) and num_examples ({num_examples}) must be positive."
+    )
   source = load_images(data_config, split=split)
   if num_examples > len(source):
-    raise DatasetError(f"config.evaluation.num_examples = {num_examples} exceeds the {len(source)} examples of "
-                       f"split {split!r} of {data_config.dataset!r}.")
+    raise DatasetError(
+      f"config.evaluation.num_examples = {num_examples} exceeds the {len(source)} examples of "
+      f"split {split!r} of {data_config.dataset!r}."
+    )
   ds = grain.MapDataset.source(source)[:num_examples].batch(batch_size)
   return iter(ds.to_iter_dataset(_READ_OPTIONS))

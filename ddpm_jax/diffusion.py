@@ -44,7 +44,9 @@ def _cosine_betas(num_timesteps, s=0.008):
 def get_beta_schedule(name, *, beta_start, beta_end, num_timesteps):
   """The betas of a named schedule, float64 [T]; validated."""
   if name not in BETA_SCHEDULES:
-    raise ConfigError(f"Unknown beta schedule {name!r}; expected one of {', '.join(BETA_SCHEDULES)}.")
+    raise ConfigError(
+      f"Unknown beta schedule {name!r}; expected one of {', '.join(BETA_SCHEDULES)}."
+    )
   if int(num_timesteps) != num_timesteps or num_timesteps < 1:
     raise ConfigError(f"num_timesteps must be an integer >= 1, got {num_timesteps!r}.")
   num_timesteps = int(num_timesteps)
@@ -57,9 +59,13 @@ def get_beta_schedule(name, *, beta_start, beta_end, num_timesteps):
   elif name == "jsd":  # 1/T, 1/(T-1), ..., 1
     betas = 1.0 / np.linspace(num_timesteps, 1, num_timesteps, dtype=np.float64)
   elif name == "warmup10":
-    betas = _warmup_betas(beta_start=beta_start, beta_end=beta_end, num_timesteps=num_timesteps, warmup_frac=0.1)
+    betas = _warmup_betas(
+      beta_start=beta_start, beta_end=beta_end, num_timesteps=num_timesteps, warmup_frac=0.1
+    )
   elif name == "warmup50":
-    betas = _warmup_betas(beta_start=beta_start, beta_end=beta_end, num_timesteps=num_timesteps, warmup_frac=0.5)
+    betas = _warmup_betas(
+      beta_start=beta_start, beta_end=beta_end, num_timesteps=num_timesteps, warmup_frac=0.5
+    )
   else:
     betas = _cosine_betas(num_timesteps)
   _check_betas(betas, name)
@@ -71,24 +77,38 @@ def _check_betas(betas, name):
   if bad.any():
     i = int(np.argmax(bad))
     raise ConfigError(
-        f"Beta schedule {name!r} gives beta[{i}] = {float(betas[i])!r}; every beta must lie in (0, 1] "
-        "(check beta_start and beta_end).")
+      f"Beta schedule {name!r} gives beta[{i}] = {float(betas[i])!r}; every beta must lie in (0, 1] "
+      "(check beta_start and beta_end)."
+    )
 
 
 # ----------------------------------------------------------------------------- the Diffusion pytree
 
 
 @functools.partial(
-    jax.tree_util.register_dataclass,
-    data_fields=[
-        "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
-        "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
-        "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
-        "posterior_mean_coef1", "posterior_mean_coef2", "fixedlarge_log_variance", "log_betas"],
-    meta_fields=["mean_type", "var_type", "loss_type", "hybrid_lambda"])
+  jax.tree_util.register_dataclass,
+  data_fields=[
+    "betas",
+    "alphas_cumprod",
+    "alphas_cumprod_prev",
+    "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance",
+    "posterior_log_variance_clipped",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+    "fixedlarge_log_variance",
+    "log_betas",
+  ],
+  meta_fields=["mean_type", "var_type", "loss_type", "hybrid_lambda"],
+)
 @dataclasses.dataclass(frozen=True)
 class Diffusion:
   """Precomputed schedule quantities (float32 [T] arrays) and the static model/loss choices."""
+
   betas: jax.Array
   alphas_cumprod: jax.Array
   alphas_cumprod_prev: jax.Array
@@ -129,14 +149,20 @@ def check_types(*, mean_type: str, var_type: str, loss_type: str) -> None:
   _check_choice("loss type", loss_type, LOSS_TYPES)
   learned = var_type in LEARNED_VAR_TYPES
   if loss_type == "mse" and learned:
-    raise ConfigError(f"Loss type 'mse' does not train the variance; variance type {var_type!r} needs "
-                     "loss type 'kl' or 'hybrid'.")
+    raise ConfigError(
+      f"Loss type 'mse' does not train the variance; variance type {var_type!r} needs "
+      "loss type 'kl' or 'hybrid'."
+    )
   if loss_type == "hybrid" and not learned:
-    raise ConfigError(f"Loss type 'hybrid' needs a learned variance ('learned' or 'learned_range'), "
-                     f"got variance type {var_type!r}.")
+    raise ConfigError(
+      f"Loss type 'hybrid' needs a learned variance ('learned' or 'learned_range'), "
+      f"got variance type {var_type!r}."
+    )
 
 
-def make_diffusion(betas, *, mean_type="eps", var_type="fixedlarge", loss_type="mse", hybrid_lambda=0.001):
+def make_diffusion(
+  betas, *, mean_type="eps", var_type="fixedlarge", loss_type="mse", hybrid_lambda=0.001
+):
   """Precomputes every schedule quantity in float64 from `betas` and stores it as float32."""
   check_types(mean_type=mean_type, var_type=var_type, loss_type=loss_type)
   betas = np.asarray(betas, dtype=np.float64)
@@ -154,30 +180,40 @@ def make_diffusion(betas, *, mean_type="eps", var_type="fixedlarge", loss_type="
     pv_at_0 = posterior_variance[1] if len(betas) > 1 else betas[0]
     f32 = lambda a: jnp.asarray(a, dtype=jnp.float32)
     return Diffusion(
-        betas=f32(betas),
-        alphas_cumprod=f32(abar),
-        alphas_cumprod_prev=f32(abar_prev),
-        sqrt_alphas_cumprod=f32(np.sqrt(abar)),
-        sqrt_one_minus_alphas_cumprod=f32(np.sqrt(1.0 - abar)),
-        log_one_minus_alphas_cumprod=f32(np.log(np.maximum(1.0 - abar, 1e-20))),
-        sqrt_recip_alphas_cumprod=f32(np.sqrt(1.0 / abar)),
-        sqrt_recipm1_alphas_cumprod=f32(np.sqrt(1.0 / abar - 1.0)),
-        posterior_variance=f32(posterior_variance),
-        posterior_log_variance_clipped=f32(np.log(np.append(pv_at_0, posterior_variance[1:]))),
-        posterior_mean_coef1=f32(betas * np.sqrt(abar_prev) / (1.0 - abar)),
-        posterior_mean_coef2=f32((1.0 - abar_prev) * np.sqrt(alphas) / (1.0 - abar)),
-        fixedlarge_log_variance=f32(np.log(np.append(pv_at_0, betas[1:]))),
-        log_betas=f32(np.log(betas)),
-        mean_type=mean_type, var_type=var_type, loss_type=loss_type, hybrid_lambda=float(hybrid_lambda))
+      betas=f32(betas),
+      alphas_cumprod=f32(abar),
+      alphas_cumprod_prev=f32(abar_prev),
+      sqrt_alphas_cumprod=f32(np.sqrt(abar)),
+      sqrt_one_minus_alphas_cumprod=f32(np.sqrt(1.0 - abar)),
+      log_one_minus_alphas_cumprod=f32(np.log(np.maximum(1.0 - abar, 1e-20))),
+      sqrt_recip_alphas_cumprod=f32(np.sqrt(1.0 / abar)),
+      sqrt_recipm1_alphas_cumprod=f32(np.sqrt(1.0 / abar - 1.0)),
+      posterior_variance=f32(posterior_variance),
+      posterior_log_variance_clipped=f32(np.log(np.append(pv_at_0, posterior_variance[1:]))),
+      posterior_mean_coef1=f32(betas * np.sqrt(abar_prev) / (1.0 - abar)),
+      posterior_mean_coef2=f32((1.0 - abar_prev) * np.sqrt(alphas) / (1.0 - abar)),
+      fixedlarge_log_variance=f32(np.log(np.append(pv_at_0, betas[1:]))),
+      log_betas=f32(np.log(betas)),
+      mean_type=mean_type,
+      var_type=var_type,
+      loss_type=loss_type,
+      hybrid_lambda=float(hybrid_lambda),
+    )
 
 
 def from_config(diffusion_config):
   """A `Diffusion` from the `config.diffusion` section."""
   c = diffusion_config
-  betas = get_beta_schedule(c.beta_schedule, beta_start=c.beta_start, beta_end=c.beta_end,
-                            num_timesteps=c.num_timesteps)
-  return make_diffusion(betas, mean_type=c.mean_type, var_type=c.var_type, loss_type=c.loss_type,
-                        hybrid_lambda=c.get("hybrid_lambda", 0.001))
+  betas = get_beta_schedule(
+    c.beta_schedule, beta_start=c.beta_start, beta_end=c.beta_end, num_timesteps=c.num_timesteps
+  )
+  return make_diffusion(
+    betas,
+    mean_type=c.mean_type,
+    var_type=c.var_type,
+    loss_type=c.loss_type,
+    hybrid_lambda=c.get("hybrid_lambda", 0.001),
+  )
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -196,8 +232,13 @@ def mean_flat(x):
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
   """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))), elementwise, in nats."""
-  return 0.5 * (-1.0 + logvar2 - logvar1 + jnp.exp(logvar1 - logvar2)
-                + jnp.square(mean1 - mean2) * jnp.exp(-logvar2))
+  return 0.5 * (
+    -1.0
+    + logvar2
+    - logvar1
+    + jnp.exp(logvar1 - logvar2)
+    + jnp.square(mean1 - mean2) * jnp.exp(-logvar2)
+  )
 
 
 def approx_standard_normal_cdf(x):
@@ -218,8 +259,9 @@ def discretized_gaussian_log_likelihood(x, *, means, log_scales):
   log_cdf_plus = jnp.log(jnp.maximum(cdf_plus, 1e-12))
   log_one_minus_cdf_min = jnp.log(jnp.maximum(1.0 - cdf_min, 1e-12))
   log_cdf_delta = jnp.log(jnp.maximum(cdf_plus - cdf_min, 1e-12))
-  return jnp.where(x < -0.999, log_cdf_plus,
-                   jnp.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta))
+  return jnp.where(
+    x < -0.999, log_cdf_plus, jnp.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta)
+  )
 
 
 # ----------------------------------------------------------------------------- forward process
@@ -236,15 +278,19 @@ def q_mean_variance(d: Diffusion, x_start, t):
 def q_sample(d: Diffusion, x_start, t, noise):
   """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise."""
   assert noise.shape == x_start.shape
-  return (extract(d.sqrt_alphas_cumprod, t, x_start.shape) * x_start
-          + extract(d.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise)
+  return (
+    extract(d.sqrt_alphas_cumprod, t, x_start.shape) * x_start
+    + extract(d.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise
+  )
 
 
 def q_posterior_mean_variance(d: Diffusion, x_start, x_t, t):
   """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
   assert x_start.shape == x_t.shape
-  mean = (extract(d.posterior_mean_coef1, t, x_t.shape) * x_start
-          + extract(d.posterior_mean_coef2, t, x_t.shape) * x_t)
+  mean = (
+    extract(d.posterior_mean_coef1, t, x_t.shape) * x_start
+    + extract(d.posterior_mean_coef2, t, x_t.shape) * x_t
+  )
   variance = extract(d.posterior_variance, t, x_t.shape)
   log_variance = extract(d.posterior_log_variance_clipped, t, x_t.shape)
   return mean, variance, log_variance
@@ -253,15 +299,18 @@ def q_posterior_mean_variance(d: Diffusion, x_start, x_t, t):
 def predict_xstart_from_eps(d: Diffusion, x_t, t, eps):
   """x_0 = sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps."""
   assert x_t.shape == eps.shape
-  return (extract(d.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
-          - extract(d.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps)
+  return (
+    extract(d.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
+    - extract(d.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps
+  )
 
 
 def predict_xstart_from_xprev(d: Diffusion, x_t, t, xprev):
   """Inverts the posterior mean: x_0 = (x_{t-1} - coef2_t x_t) / coef1_t."""
   assert x_t.shape == xprev.shape
-  return ((xprev - extract(d.posterior_mean_coef2, t, x_t.shape) * x_t)
-          / extract(d.posterior_mean_coef1, t, x_t.shape))
+  return (xprev - extract(d.posterior_mean_coef2, t, x_t.shape) * x_t) / extract(
+    d.posterior_mean_coef1, t, x_t.shape
+  )
 
 
 # ----------------------------------------------------------------------------- reverse process
@@ -319,10 +368,14 @@ def p_mean_variance(d: Diffusion, model_output, x_t, t, *, clip_denoised: bool) 
     else:
       pred_xstart = maybe_clip(predict_xstart_from_eps(d, x_t, t, mean_output))
     mean, _, _ = q_posterior_mean_variance(d, pred_xstart, x_t, t)
-  return PMeanVariance(mean, _model_variance(d, log_variance, t, x_t.shape), log_variance, pred_xstart)
+  return PMeanVariance(
+    mean, _model_variance(d, log_variance, t, x_t.shape), log_variance, pred_xstart
+  )
 
 
-def p_sample(d: Diffusion, model_output, x_t, t, *, key=None, noise=None, clip_denoised: bool = True):
+def p_sample(
+  d: Diffusion, model_output, x_t, t, *, key=None, noise=None, clip_denoised: bool = True
+):
   """One reverse step x_{t-1} ~ p(x_{t-1} | x_t); no noise at t = 0.
 
   Noise is drawn from `key`, or taken from `noise` when given (for comparisons with other code).
@@ -337,11 +390,14 @@ def p_sample(d: Diffusion, model_output, x_t, t, *, key=None, noise=None, clip_d
 
 def predict_eps_from_xstart(d: Diffusion, x_t, t, pred_xstart):
   """The eps that x_0 implies: (sqrt(1/abar_t) x_t - x_0) / sqrt(1/abar_t - 1)."""
-  return ((extract(d.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - pred_xstart)
-          / extract(d.sqrt_recipm1_alphas_cumprod, t, x_t.shape))
+  return (extract(d.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - pred_xstart) / extract(
+    d.sqrt_recipm1_alphas_cumprod, t, x_t.shape
+  )
 
 
-def ddim_sample(d: Diffusion, model_output, x_t, t, *, eta: float, noise=None, clip_denoised: bool = True):
+def ddim_sample(
+  d: Diffusion, model_output, x_t, t, *, eta: float, noise=None, clip_denoised: bool = True
+):
   """One DDIM step (Song et al. 2021) from step t to step t - 1 of `d` (abar_prev = 1 after t = 0).
 
   eps is re-derived from the (clipped) x_0; sigma = eta sqrt((1 - abar_prev) / (1 - abar_t))
@@ -353,8 +409,10 @@ def ddim_sample(d: Diffusion, model_output, x_t, t, *, eta: float, noise=None, c
   abar = extract(d.alphas_cumprod, t, x_t.shape)
   abar_prev = extract(d.alphas_cumprod_prev, t, x_t.shape)
   sigma = eta * jnp.sqrt((1.0 - abar_prev) / (1.0 - abar)) * jnp.sqrt(1.0 - abar / abar_prev)
-  x_prev = (jnp.sqrt(abar_prev) * pred_xstart
-            + jnp.sqrt(jnp.maximum(1.0 - abar_prev - jnp.square(sigma), 0.0)) * eps)
+  x_prev = (
+    jnp.sqrt(abar_prev) * pred_xstart
+    + jnp.sqrt(jnp.maximum(1.0 - abar_prev - jnp.square(sigma), 0.0)) * eps
+  )
   if eta > 0:
     assert noise is not None and noise.shape == x_t.shape
     x_prev = x_prev + sigma * noise
@@ -371,9 +429,12 @@ def vb_terms_bpd(d: Diffusion, model_output, *, x_start, x_t, t, clip_denoised: 
   """
   true_mean, _, true_log_variance = q_posterior_mean_variance(d, x_start, x_t, t)
   out = p_mean_variance(d, model_output, x_t, t, clip_denoised=clip_denoised)
-  kl = mean_flat(normal_kl(true_mean, true_log_variance, out.mean, out.log_variance)) / math.log(2.0)
-  decoder_nll = -mean_flat(discretized_gaussian_log_likelihood(
-      x_start, means=out.mean, log_scales=0.5 * out.log_variance)) / math.log(2.0)
+  kl = mean_flat(normal_kl(true_mean, true_log_variance, out.mean, out.log_variance)) / math.log(
+    2.0
+  )
+  decoder_nll = -mean_flat(
+    discretized_gaussian_log_likelihood(x_start, means=out.mean, log_scales=0.5 * out.log_variance)
+  ) / math.log(2.0)
   return jnp.where(t == 0, decoder_nll, kl), out.pred_xstart
 
 
@@ -423,7 +484,9 @@ class BpdResult(NamedTuple):
   mse: jax.Array  # [B, T]: MSE of the predicted x_0 at every timestep
 
 
-def calc_bpd_loop(d: Diffusion, model_fn: Callable, *, x_start, key, clip_denoised: bool = True) -> BpdResult:
+def calc_bpd_loop(
+  d: Diffusion, model_fn: Callable, *, x_start, key, clip_denoised: bool = True
+) -> BpdResult:
   """The full NLL bound of a batch in bits/dim, as one `lax.scan` over t (compile time independent of T).
 
   Every timestep draws its own x_t from fresh noise (`fold_in(key, t)`), as the official evaluation does.
@@ -434,8 +497,9 @@ def calc_bpd_loop(d: Diffusion, model_fn: Callable, *, x_start, key, clip_denois
     t = jnp.full((batch,), t_scalar, dtype=jnp.int32)
     noise = jax.random.normal(jax.random.fold_in(key, t_scalar), x_start.shape, x_start.dtype)
     x_t = q_sample(d, x_start, t, noise)
-    vb, pred_xstart = vb_terms_bpd(d, model_fn(x_t, t), x_start=x_start, x_t=x_t, t=t,
-                                   clip_denoised=clip_denoised)
+    vb, pred_xstart = vb_terms_bpd(
+      d, model_fn(x_t, t), x_start=x_start, x_t=x_t, t=t, clip_denoised=clip_denoised
+    )
     return None, (vb, mean_flat(jnp.square(pred_xstart - x_start)))
 
   _, (terms, mse) = jax.lax.scan(term, None, jnp.arange(d.num_timesteps, dtype=jnp.int32))

@@ -26,13 +26,25 @@ from ddpm_jax.metrics import inception
 from ddpm_jax.metrics import preprocess
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("inception_weights", None, "This project's Inception .npz (python -m "
-                    "ddpm_jax.metrics.convert_inception SRC OUT.npz makes one).")
-flags.DEFINE_enum("resize", "tf", list(preprocess.RESIZE_MODES), "tf: the TF graph's bilinear resize (the "
-                  "paper's convention); pytorch: pytorch-fid's.")
-flags.DEFINE_integer("batch_size", 64, "Images per Inception batch (a multiple of the device count).")
+flags.DEFINE_string(
+  "inception_weights",
+  None,
+  "This project's Inception .npz (python -m "
+  "ddpm_jax.metrics.convert_inception SRC OUT.npz makes one).",
+)
+flags.DEFINE_enum(
+  "resize",
+  "tf",
+  list(preprocess.RESIZE_MODES),
+  "tf: the TF graph's bilinear resize (the paper's convention); pytorch: pytorch-fid's.",
+)
+flags.DEFINE_integer(
+  "batch_size", 64, "Images per Inception batch (a multiple of the device count)."
+)
 flags.DEFINE_integer("is_splits", 10, "Splits of the Inception Score.")
-flags.DEFINE_list("save_stats", [], "Where to write the statistics of each input, in order (empty = skip).")
+flags.DEFINE_list(
+  "save_stats", [], "Where to write the statistics of each input, in order (empty = skip)."
+)
 flags.DEFINE_string("json", None, "Also write the results to this JSON file.")
 flags.DEFINE_bool("trust_unlabelled_stats", False, "Accept stats files that record no convention.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
@@ -46,14 +58,16 @@ def _folder_batches(paths):
   first = None
   for start in range(0, len(paths), _CHUNK):
     chunk = []
-    for path in paths[start:start + _CHUNK]:
+    for path in paths[start : start + _CHUNK]:
       with Image.open(path) as image:
         array = np.asarray(image if image.mode == "L" else image.convert("RGB"), np.uint8)
       array = array[..., None] if array.ndim == 2 else array
       first = first if first is not None else (path, array.shape)
       if array.shape != first[1]:
-        raise errors.ConfigError(f"{path} is {array.shape}, but {first[0]} is {first[1]}: the images of a folder "
-                         "must all have one size and channel count.")
+        raise errors.ConfigError(
+          f"{path} is {array.shape}, but {first[0]} is {first[1]}: the images of a folder "
+          "must all have one size and channel count."
+        )
       chunk.append(array)
     yield np.stack(chunk)
 
@@ -61,7 +75,9 @@ def _folder_batches(paths):
 def read_input(path: str):
   """('stats', Stats) or ('images', batches, count, description) for one command-line input."""
   if os.path.isdir(path):
-    paths = sorted(p for p in pathlib.Path(path).rglob("*") if p.suffix.lower() in _SUFFIXES and p.is_file())
+    paths = sorted(
+      p for p in pathlib.Path(path).rglob("*") if p.suffix.lower() in _SUFFIXES and p.is_file()
+    )
     if not paths:
       raise errors.ConfigError(f"The folder {path!r} contains no .png/.jpg/.jpeg images.")
     return "images", _folder_batches(paths), len(paths), "image folder"
@@ -73,23 +89,33 @@ def read_input(path: str):
     with np.load(path, allow_pickle=False) as npz:
       images = npz["arr_0"] if "arr_0" in npz.files else None
   except (OSError, EOFError, ValueError) as e:
-    raise errors.ConfigError(f"Input {path!r} is neither a folder of images nor a readable .npz ({e}).") from None
+    raise errors.ConfigError(
+      f"Input {path!r} is neither a folder of images nor a readable .npz ({e})."
+    ) from None
   if images is None:
-    raise errors.ConfigError(f"{path!r} has neither 'arr_0' (samples) nor 'mu'/'sigma' (statistics).")
+    raise errors.ConfigError(
+      f"{path!r} has neither 'arr_0' (samples) nor 'mu'/'sigma' (statistics)."
+    )
   if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-    raise errors.ConfigError(f"{path!r}: 'arr_0' must be uint8 [N, H, W, 1 or 3] images, got {images.dtype} "
-                     f"{images.shape}.")
-  batches = (images[i:i + _CHUNK] for i in range(0, len(images), _CHUNK))
+    raise errors.ConfigError(
+      f"{path!r}: 'arr_0' must be uint8 [N, H, W, 1 or 3] images, got {images.dtype} "
+      f"{images.shape}."
+    )
+  batches = (images[i : i + _CHUNK] for i in range(0, len(images), _CHUNK))
   return "images", batches, len(images), "samples npz"
 
 
 def _inception_score(logits) -> dict:
   if logits is None:
-    return {"inception_score": None,
-            "inception_score_note": "unavailable: the Inception weights have no classifier (pool3 only)"}
+    return {
+      "inception_score": None,
+      "inception_score_note": "unavailable: the Inception weights have no classifier (pool3 only)",
+    }
   if len(logits) < FLAGS.is_splits:
-    return {"inception_score": None,
-            "inception_score_note": f"unavailable: fewer images ({len(logits)}) than splits ({FLAGS.is_splits})"}
+    return {
+      "inception_score": None,
+      "inception_score_note": f"unavailable: fewer images ({len(logits)}) than splits ({FLAGS.is_splits})",
+    }
   mean, std = fid_lib.inception_score(logits, FLAGS.is_splits)
   return {"inception_score": mean, "inception_score_std": std}
 
@@ -97,7 +123,9 @@ def _inception_score(logits) -> dict:
 def compute(inputs: list[str]) -> dict:
   """Reads every input first (bad paths fail before anything is computed), then computes."""
   if len(FLAGS.save_stats) > len(inputs):
-    raise errors.ConfigError(f"--save_stats names {len(FLAGS.save_stats)} files for {len(inputs)} inputs.")
+    raise errors.ConfigError(
+      f"--save_stats names {len(FLAGS.save_stats)} files for {len(inputs)} inputs."
+    )
   saves = FLAGS.save_stats + [""] * (len(inputs) - len(FLAGS.save_stats))
   read = [read_input(path) for path in inputs]
   for path, (kind, *_), save_to in zip(inputs, read, saves):
@@ -110,8 +138,10 @@ def compute(inputs: list[str]) -> dict:
   feature_fn = params = None
   if len(stats_inputs) < len(inputs):  # some images: the network is needed
     if not FLAGS.inception_weights:
-      raise errors.ConfigError("--inception_weights is required for image inputs (see the README's "
-                       "'Inception weights and FID').")
+      raise errors.ConfigError(
+        "--inception_weights is required for image inputs (see the README's "
+        "'Inception weights and FID')."
+      )
     params = inception.load_params(FLAGS.inception_weights)
     feature_fn = inception.make_feature_fn(params, resize=FLAGS.resize, batch_size=FLAGS.batch_size)
     results.update(inception_weights=FLAGS.inception_weights, weights_hash=params.weights_hash)
@@ -123,17 +153,25 @@ def compute(inputs: list[str]) -> dict:
       record.update(kind="stats", count=stats.count, meta=stats.meta)
     else:
       batches, count, description = rest
-      meta = {"dataset": os.path.abspath(path), "split": description, "weights_hash": params.weights_hash,
-              "resize": FLAGS.resize, "features": "pool3"}
-      stats, logits = fid_lib.stats_and_logits(feature_fn, batches, meta=meta, total=count,
-                                               progress=FLAGS.progress)
+      meta = {
+        "dataset": os.path.abspath(path),
+        "split": description,
+        "weights_hash": params.weights_hash,
+        "resize": FLAGS.resize,
+        "features": "pool3",
+      }
+      stats, logits = fid_lib.stats_and_logits(
+        feature_fn, batches, meta=meta, total=count, progress=FLAGS.progress
+      )
       record.update(kind=description, count=stats.count, **_inception_score(logits))
       if save_to:
         record["saved_stats"] = fid_lib.save_stats(save_to, stats)
     all_stats.append(stats)
     results["inputs"].append(record)
   if len(all_stats) == 2:
-    results["fid"] = fid_lib.fid_from_stats(*all_stats, trust_unlabelled=FLAGS.trust_unlabelled_stats)
+    results["fid"] = fid_lib.fid_from_stats(
+      *all_stats, trust_unlabelled=FLAGS.trust_unlabelled_stats
+    )
   return results
 
 
@@ -152,7 +190,9 @@ def _report(results: dict) -> None:
 def main(argv):
   inputs = argv[1:]
   if len(inputs) not in (1, 2):
-    raise app.UsageError("Give one or two inputs: python -m ddpm_jax.fid --inception_weights=W.npz A [B]")
+    raise app.UsageError(
+      "Give one or two inputs: python -m ddpm_jax.fid --inception_weights=W.npz A [B]"
+    )
   try:
     results = compute(inputs)
     if FLAGS.json:

@@ -17,24 +17,30 @@ def to_uint8(x):
   return ((x.clip(-1.0, 1.0) + 1.0) * 127.5).round().astype(np.uint8)
 
 
-def make_grid(images: np.ndarray, *, ncols: int | None = None, padding: int = 2, pad_value: int = 255) -> np.ndarray:
+def make_grid(
+  images: np.ndarray, *, ncols: int | None = None, padding: int = 2, pad_value: int = 255
+) -> np.ndarray:
   """Tiles uint8 images [N, H, W, C] row-major into one [rows*(H+p)+p, cols*(W+p)+p, C] image."""
   assert images.ndim == 4 and images.dtype == np.uint8, (images.shape, images.dtype)
   n, h, w, c = images.shape
   ncols = ncols or max(1, math.ceil(math.sqrt(n)))
   nrows = max(1, math.ceil(n / ncols))
-  grid = np.full((nrows * (h + padding) + padding, ncols * (w + padding) + padding, c), pad_value, np.uint8)
+  grid = np.full(
+    (nrows * (h + padding) + padding, ncols * (w + padding) + padding, c), pad_value, np.uint8
+  )
   for i in range(n):
     r, col = divmod(i, ncols)
     y, x = padding + r * (h + padding), padding + col * (w + padding)
-    grid[y:y + h, x:x + w] = images[i]
+    grid[y : y + h, x : x + w] = images[i]
   return grid
 
 
 def chain_grid(chain: np.ndarray, *, padding: int = 2) -> np.ndarray:
   """A denoising chain [steps, N, H, W, C] as a picture: one row per sample, one column per step."""
   steps, n = chain.shape[:2]
-  return make_grid(np.swapaxes(chain, 0, 1).reshape((steps * n,) + chain.shape[2:]), ncols=steps, padding=padding)
+  return make_grid(
+    np.swapaxes(chain, 0, 1).reshape((steps * n,) + chain.shape[2:]), ncols=steps, padding=padding
+  )
 
 
 def upscale(image: np.ndarray, factor: int) -> np.ndarray:

@@ -9,7 +9,9 @@ import logging as std_logging
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow (for TFDS, TensorBoard) is quiet unless asked
+os.environ.setdefault(
+  "TF_CPP_MIN_LOG_LEVEL", "3"
+)  # TensorFlow (for TFDS, TensorBoard) is quiet unless asked
 
 # pylint: disable=g-import-not-at-top
 from absl import app
@@ -26,32 +28,49 @@ from ddpm_jax import xla_cpu
 from ddpm_jax.errors import ConfigError
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. configs/cifar10.py.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, samples, TensorBoard events and config.json.")
+config_flags.DEFINE_config_file(
+  "config", None, "Path to a config file, e.g. configs/cifar10.py.", lock_config=True
+)
+flags.DEFINE_string(
+  "workdir", None, "Directory for checkpoints, samples, TensorBoard events and config.json."
+)
 MODES = ("train", "sample", "interpolate", "bpd", "fid", "evaluate_watch")
-flags.DEFINE_enum("mode", "train", list(MODES),
-                  "train: train or resume; sample: sample from a checkpoint; interpolate: the paper's "
-                  "interpolations (Figures 8, 9); bpd: the NLL bound in bits/dim; fid: FID and Inception Score "
-                  "of samples; evaluate_watch: evaluate every new checkpoint of a training run once.")
+flags.DEFINE_enum(
+  "mode",
+  "train",
+  list(MODES),
+  "train: train or resume; sample: sample from a checkpoint; interpolate: the paper's "
+  "interpolations (Figures 8, 9); bpd: the NLL bound in bits/dim; fid: FID and Inception Score "
+  "of samples; evaluate_watch: evaluate every new checkpoint of a training run once.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
-flags.DEFINE_bool("verbose", False, "Also show TensorFlow/XLA start-up lines and orbax's background reports.")
-FLAGS["config"].parser = console.checked_config_parser(FLAGS["config"].parser)  # import errors as one sentence
+flags.DEFINE_bool(
+  "verbose", False, "Also show TensorFlow/XLA start-up lines and orbax's background reports."
+)
+FLAGS["config"].parser = console.checked_config_parser(
+  FLAGS["config"].parser
+)  # import errors as one sentence
 
 
-USER_ERRORS = (ConfigError, OSError)  # bad config values, bad paths, full disks; anything else is a bug
+USER_ERRORS = (
+  ConfigError,
+  OSError,
+)  # bad config values, bad paths, full disks; anything else is a bug
 
 
 def run(config, workdir: str, mode: str):
   """Runs one mode (what `main` does after flag parsing and process set-up)."""
   from ddpm_jax import evaluate  # pylint: disable=g-import-not-at-top
   from ddpm_jax import train  # pylint: disable=g-import-not-at-top
+
   if mode == "train":
     return train.train_and_evaluate(config, workdir)
   if mode == "sample":
     return evaluate.dump_samples(config, workdir)
   if mode == "interpolate":
     from ddpm_jax import interpolate  # pylint: disable=g-import-not-at-top
+
     return interpolate.run(config, workdir)
   if mode == "bpd":
     return evaluate.evaluate_bpd(config, workdir)
@@ -65,8 +84,11 @@ def run(config, workdir: str, mode: str):
 def _library_chatter_filter():
   """A log filter that keeps JAX's and orbax's warnings and drops their INFO records (every save, backend probing)."""
   import orbax.checkpoint  # pylint: disable=g-import-not-at-top
+
   chatty = tuple(os.path.dirname(m.__file__) + os.sep for m in (jax, orbax.checkpoint))
-  return lambda record: record.levelno >= std_logging.WARNING or not record.pathname.startswith(chatty)
+  return lambda record: (
+    record.levelno >= std_logging.WARNING or not record.pathname.startswith(chatty)
+  )
 
 
 def main(argv):
@@ -79,14 +101,19 @@ def main(argv):
   if not FLAGS.verbose:
     logging.get_absl_handler().addFilter(_library_chatter_filter())
   from ddpm_jax import train  # pylint: disable=g-import-not-at-top
+
   try:
-    validation.validate(FLAGS.config, mode=FLAGS.mode)  # every key, before any device or file is touched
+    validation.validate(
+      FLAGS.config, mode=FLAGS.mode
+    )  # every key, before any device or file is touched
     xla_cpu.synchronous_dispatch()  # before JAX's backends start (README "Performance")
     parallel.maybe_initialize_distributed(FLAGS.config.distributed)
     if jax.process_index() > 0:  # one log for the whole job: process 0's
       logging.set_verbosity(logging.WARNING)
     if xla_cpu.retain_freed_memory_on_one_cpu():  # each train step reuses the last one's pages
-      logging.info("CPU: synchronous dispatch, freed host memory kept for reuse (README \"Performance\").")
+      logging.info(
+        'CPU: synchronous dispatch, freed host memory kept for reuse (README "Performance").'
+      )
     run(FLAGS.config, FLAGS.workdir, FLAGS.mode)
   except train.NonFiniteError as e:
     print(f"ddpm_jax: training stopped: {e}", file=sys.stderr)
@@ -105,7 +132,9 @@ def parse_flags(argv):
   except console.ConfigFileError as e:
     print(f"ddpm_jax: error: {e}", file=sys.stderr)
   except (KeyError, AttributeError) as e:
-    print(f"ddpm_jax: error: unknown config key in the command line overrides: {e}", file=sys.stderr)
+    print(
+      f"ddpm_jax: error: unknown config key in the command line overrides: {e}", file=sys.stderr
+    )
   sys.exit(1)
 
 

@@ -45,8 +45,13 @@ def maybe_initialize_distributed(distributed_config) -> None:
   if distributed_config.process_id >= 0:
     kwargs["process_id"] = distributed_config.process_id
   jax.distributed.initialize(**kwargs)
-  logging.info("jax.distributed: process %d of %d, %d local / %d global devices.",
-               jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
+  logging.info(
+    "jax.distributed: process %d of %d, %d local / %d global devices.",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )
 
 
 def make_mesh() -> Mesh:
@@ -58,10 +63,14 @@ def check_batch_size(batch_size: int, *, what: str) -> None:
   """Fails early, with the numbers, when a global batch cannot be split evenly over devices and hosts."""
   n, hosts = jax.device_count(), jax.process_count()
   if batch_size <= 0 or batch_size % n:
-    raise ConfigError(f"{what} = {batch_size} is not divisible by the number of devices ({n}); "
-                     f"choose a multiple of {n}.")
+    raise ConfigError(
+      f"{what} = {batch_size} is not divisible by the number of devices ({n}); "
+      f"choose a multiple of {n}."
+    )
   if batch_size % hosts:
-    raise ConfigError(f"{what} = {batch_size} is not divisible by the number of processes ({hosts}).")
+    raise ConfigError(
+      f"{what} = {batch_size} is not divisible by the number of processes ({hosts})."
+    )
 
 
 def round_up_to_devices(n: int) -> int:
@@ -106,7 +115,9 @@ class DevicePrefetcher:
     self._ahead = None  # (n, global array, host iterator state before it was read)
 
   def _read(self, n: int) -> jax.Array:
-    return global_batch(np.stack([next(self._iterator) for _ in range(n)]), self._mesh, batch_axis=1)
+    return global_batch(
+      np.stack([next(self._iterator) for _ in range(n)]), self._mesh, batch_axis=1
+    )
 
   def prefetch(self, n: int) -> None:
     if n > 0 and self._ahead is None:
@@ -131,18 +142,23 @@ def to_host(x) -> np.ndarray:
   """The full value of a (possibly multi-host) array as NumPy on every process."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(jax.device_get(x))
 
 
-def data_parallel(per_device_fn, mesh: Mesh, *, in_specs, out_specs, donate_argnums=(), compiler_options=None):
+def data_parallel(
+  per_device_fn, mesh: Mesh, *, in_specs, out_specs, donate_argnums=(), compiler_options=None
+):
   """jit(shard_map(per_device_fn)): the pmap idiom on a mesh of all devices.
 
   `check_vma=False` keeps pmap's semantics: a gradient taken inside is the device's own,
   and the function averages it with `lax.pmean` (with the check on, JAX would already
   sum gradients of replicated inputs over devices).
   """
-  mapped = jax.shard_map(per_device_fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+  mapped = jax.shard_map(
+    per_device_fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
+  )
   return jax.jit(mapped, donate_argnums=donate_argnums, compiler_options=compiler_options)
 
 

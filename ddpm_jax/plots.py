@@ -36,7 +36,12 @@ def log_ticks(lo: float, hi: float) -> list[float]:
   """Powers of ten in [lo, hi] (with 2x and 5x when fewer than three decades are shown)."""
   first, last = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
   mults = (1,) if last - first >= 3 else (1, 2, 5)
-  return [m * 10.0 ** e for e in range(first, last + 1) for m in mults if lo * (1 - 1e-9) <= m * 10.0 ** e <= hi * (1 + 1e-9)]
+  return [
+    m * 10.0**e
+    for e in range(first, last + 1)
+    for m in mults
+    if lo * (1 - 1e-9) <= m * 10.0**e <= hi * (1 + 1e-9)
+  ]
 
 
 def _tick_label(value: float) -> str:
@@ -47,7 +52,9 @@ def _tick_label(value: float) -> str:
   return f"{value:g}"
 
 
-def line_plot(path: str, x, series: dict, *, title: str, x_label: str, y_label: str, log_y: bool = False) -> str:
+def line_plot(
+  path: str, x, series: dict, *, title: str, x_label: str, y_label: str, log_y: bool = False
+) -> str:
   """Writes a PNG of one or more lines y(x). `series` maps legend names to y arrays of len(x).
 
   On a log axis, values below 1e-6 of the largest (zeros, rounding noise) are drawn at that floor.
@@ -83,7 +90,7 @@ def line_plot(path: str, x, series: dict, *, title: str, x_label: str, y_label: 
     draw.line([(px(value), top), (px(value), bottom)], fill=(232, 232, 232))
     draw.line([(px(value), bottom), (px(value), bottom + 6)], fill="black")
     draw.text((px(value), bottom + 9), _tick_label(value), fill="black", font=small, anchor="mt")
-  for value in (log_ticks(y_lo, y_hi) if log_y else linear_ticks(y_lo, y_hi)):
+  for value in log_ticks(y_lo, y_hi) if log_y else linear_ticks(y_lo, y_hi):
     draw.line([(left, py(value)), (right, py(value))], fill=(232, 232, 232))
     draw.line([(left - 6, py(value)), (left, py(value))], fill="black")
     draw.text((left - 9, py(value)), _tick_label(value), fill="black", font=small, anchor="rm")
@@ -95,14 +102,20 @@ def line_plot(path: str, x, series: dict, *, title: str, x_label: str, y_label: 
     if len(points) > 1:
       draw.line(points, fill=colour, width=2)
     elif points:
-      draw.ellipse([points[0][0] - 3, points[0][1] - 3, points[0][0] + 3, points[0][1] + 3], fill=colour)
-    draw.line([(right - 230, top + 18 + 22 * i), (right - 200, top + 18 + 22 * i)], fill=colour, width=3)
+      draw.ellipse(
+        [points[0][0] - 3, points[0][1] - 3, points[0][0] + 3, points[0][1] + 3], fill=colour
+      )
+    draw.line(
+      [(right - 230, top + 18 + 22 * i), (right - 200, top + 18 + 22 * i)], fill=colour, width=3
+    )
     draw.text((right - 192, top + 18 + 22 * i), name, fill="black", font=small, anchor="lm")
 
   draw.text(((left + right) / 2, 14), title, fill="black", font=large, anchor="mt")
   draw.text(((left + right) / 2, _SIZE[1] - 12), x_label, fill="black", font=small, anchor="mb")
   label = Image.new("RGB", (bottom - top, 24), "white")
-  ImageDraw.Draw(label).text(((bottom - top) / 2, 12), y_label, fill="black", font=small, anchor="mm")
+  ImageDraw.Draw(label).text(
+    ((bottom - top) / 2, 12), y_label, fill="black", font=small, anchor="mm"
+  )
   image.paste(label.rotate(90, expand=True), (8, top))
 
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -23,12 +23,14 @@ def space_timesteps(num_timesteps: int, section_counts) -> np.ndarray:
   """
   T = int(num_timesteps)
   if isinstance(section_counts, str) and section_counts.startswith("ddim"):
-    wanted = _parse_int(section_counts[len("ddim"):], section_counts)
+    wanted = _parse_int(section_counts[len("ddim") :], section_counts)
     for stride in range(1, T):  # (as improved-diffusion: so ddim1 has no stride)
       if len(range(0, T, stride)) == wanted:
         return np.arange(0, T, stride, dtype=np.int32)
-    raise ConfigError(f"no integer stride keeps exactly {wanted} of the {T} steps; choose another count or "
-                      "spacing 'uniform'.")
+    raise ConfigError(
+      f"no integer stride keeps exactly {wanted} of the {T} steps; choose another count or "
+      "spacing 'uniform'."
+    )
   if isinstance(section_counts, str):
     section_counts = [_parse_int(c, section_counts) for c in section_counts.split(",")]
   counts = [int(c) for c in section_counts]
@@ -39,8 +41,10 @@ def space_timesteps(num_timesteps: int, section_counts) -> np.ndarray:
   for i, count in enumerate(counts):
     size = size_per + (1 if i < extra else 0)
     if count > size:
-      raise ConfigError(f"section {i} of steps {start}..{start + size - 1} has {size} steps, fewer than the "
-                        f"{count} asked for in section counts {counts}.")
+      raise ConfigError(
+        f"section {i} of steps {start}..{start + size - 1} has {size} steps, fewer than the "
+        f"{count} asked for in section counts {counts}."
+      )
     stride = (size - 1) / (count - 1) if count > 1 else 1.0
     position = 0.0
     for _ in range(count):
@@ -66,32 +70,50 @@ def kept_timesteps(*, spacing: str, num_steps: int, num_timesteps: int) -> np.nd
   """The steps a `config.sampling` (spacing, num_steps) keeps; num_steps = -1 means all T. Validated."""
   T = int(num_timesteps)
   if num_steps != -1 and not 1 <= num_steps <= T:
-    raise ConfigError(f"config.sampling.num_steps = {num_steps} must lie in [1, T = {T}] (or be -1 for all T).")
+    raise ConfigError(
+      f"config.sampling.num_steps = {num_steps} must lie in [1, T = {T}] (or be -1 for all T)."
+    )
   spacing = str(spacing).strip()
   n = T if num_steps == -1 else int(num_steps)
   section_counts = {"uniform": [n], "ddim": f"ddim{n}"}.get(spacing, spacing)
   if spacing == "leading":
     return leading_timesteps(T, n)
-  if not (spacing in SPACINGS or spacing.startswith("ddim") or spacing.replace(",", "").replace(" ", "").isdigit()):
-    raise ConfigError(f"config.sampling.spacing = {spacing!r} is not 'uniform', 'ddim', 'leading', 'ddimN' or "
-                      "comma-separated section counts like '10,15,20'.")
+  if not (
+    spacing in SPACINGS
+    or spacing.startswith("ddim")
+    or spacing.replace(",", "").replace(" ", "").isdigit()
+  ):
+    raise ConfigError(
+      f"config.sampling.spacing = {spacing!r} is not 'uniform', 'ddim', 'leading', 'ddimN' or "
+      "comma-separated section counts like '10,15,20'."
+    )
   try:
     kept = space_timesteps(T, section_counts)
   except ConfigError as e:
     raise ConfigError(f"config.sampling.spacing = {spacing!r}: {e}") from None
   if num_steps not in (-1, len(kept)):
-    raise ConfigError(f"config.sampling.spacing = {spacing!r} keeps {len(kept)} steps but "
-                      f"config.sampling.num_steps = {num_steps}; set num_steps to -1 or {len(kept)}.")
+    raise ConfigError(
+      f"config.sampling.spacing = {spacing!r} keeps {len(kept)} steps but "
+      f"config.sampling.num_steps = {num_steps}; set num_steps to -1 or {len(kept)}."
+    )
   return kept
 
 
 def check_timesteps(timesteps, num_timesteps: int) -> np.ndarray:
   """`timesteps` as ascending unique int32 in [0, T), non-empty; ConfigError otherwise."""
   kept = np.asarray(timesteps)
-  if (kept.ndim != 1 or kept.size == 0 or not np.issubdtype(kept.dtype, np.integer)
-      or kept.min() < 0 or kept.max() >= num_timesteps or np.any(np.diff(kept) <= 0)):
-    raise ConfigError(f"timesteps {kept.tolist()} must be a non-empty ascending list of distinct integers "
-                      f"in [0, {num_timesteps}).")
+  if (
+    kept.ndim != 1
+    or kept.size == 0
+    or not np.issubdtype(kept.dtype, np.integer)
+    or kept.min() < 0
+    or kept.max() >= num_timesteps
+    or np.any(np.diff(kept) <= 0)
+  ):
+    raise ConfigError(
+      f"timesteps {kept.tolist()} must be a non-empty ascending list of distinct integers "
+      f"in [0, {num_timesteps})."
+    )
   return kept.astype(np.int32)
 
 
@@ -109,5 +131,10 @@ def respace(d: dm.Diffusion, timesteps) -> dm.Diffusion:
     return d
   # abar in float64 from the stored float32 betas: ratios of it lose nothing beyond float32's precision.
   abar = np.cumprod(1.0 - np.asarray(d.betas, np.float64))
-  return dm.make_diffusion(respaced_betas(abar, kept), mean_type=d.mean_type, var_type=d.var_type,
-                           loss_type=d.loss_type, hybrid_lambda=d.hybrid_lambda)
+  return dm.make_diffusion(
+    respaced_betas(abar, kept),
+    mean_type=d.mean_type,
+    var_type=d.var_type,
+    loss_type=d.loss_type,
+    hybrid_lambda=d.hybrid_lambda,
+  )

@@ -28,6 +28,7 @@ METHODS = ("ancestral", "ddim")
 
 class Chain(NamedTuple):
   """Progressive sampling records, taken after the reverse steps at t = ..., 2k, k, 0 (see `record_steps`)."""
+
   timesteps: np.ndarray  # [R] the original t whose reverse step made each record, descending
   x: jax.Array  # [R, B, H, W, C] x_{t-1} after that step
   pred_xstart: jax.Array  # [R, B, H, W, C] the model's x_0 prediction at that step
@@ -41,7 +42,9 @@ def record_timesteps(num_timesteps: int, record_every: int) -> np.ndarray:
 def record_interval(num_timesteps: int, every: int = 0, *, frames: int = 10) -> int:
   """`every`, or when it is 0 the interval that gives about `frames` pictures of a T-step chain."""
   if every < 0:
-    raise ConfigError(f"config.sampling.progressive_every must be >= 0 (0: about {frames} frames), got {every}.")
+    raise ConfigError(
+      f"config.sampling.progressive_every must be >= 0 (0: about {frames} frames), got {every}."
+    )
   return every or max(1, num_timesteps // frames)
 
 
@@ -60,7 +63,9 @@ def _check_method(method: str, eta: float):
   if not (math.isfinite(eta) and eta >= 0):
     raise ConfigError(f"config.sampling.eta = {eta} must be a finite number >= 0.")
   if method == "ancestral" and eta != 0:
-    raise ConfigError(f"config.sampling.eta = {eta} applies only to method 'ddim' (method is 'ancestral').")
+    raise ConfigError(
+      f"config.sampling.eta = {eta} applies only to method 'ddim' (method is 'ancestral')."
+    )
 
 
 def sampler_options(sampling_config, num_timesteps: int) -> dict:
@@ -69,22 +74,38 @@ def sampler_options(sampling_config, num_timesteps: int) -> dict:
   c = sampling_config
   method, eta = c.get("method", "ancestral"), float(c.get("eta", 0.0))
   _check_method(method, eta)
-  timesteps = respace.kept_timesteps(spacing=c.get("spacing", "uniform"), num_steps=c.get("num_steps", -1),
-                                     num_timesteps=num_timesteps)
+  timesteps = respace.kept_timesteps(
+    spacing=c.get("spacing", "uniform"),
+    num_steps=c.get("num_steps", -1),
+    num_timesteps=num_timesteps,
+  )
   return {"method": method, "timesteps": timesteps, "eta": eta}
 
 
 def describe(sampling_config, num_timesteps: int) -> dict:
   """What a result file records about how its samples were drawn: method, number of steps, spacing, eta."""
   options = sampler_options(sampling_config, num_timesteps)
-  return {"method": options["method"], "num_steps": int(len(options["timesteps"])),
-          "spacing": str(sampling_config.get("spacing", "uniform")),
-          "eta": options["eta"] if options["method"] == "ddim" else None}
+  return {
+    "method": options["method"],
+    "num_steps": int(len(options["timesteps"])),
+    "spacing": str(sampling_config.get("spacing", "uniform")),
+    "eta": options["eta"] if options["method"] == "ddim" else None,
+  }
 
 
-def make_sampler(model, d: dm.Diffusion, mesh, *, image_shape, clip_denoised: bool = True,
-                 record_every: int = 0, method: str = "ancestral", timesteps=None, eta: float = 0.0,
-                 as_uint8: bool = True):
+def make_sampler(
+  model,
+  d: dm.Diffusion,
+  mesh,
+  *,
+  image_shape,
+  clip_denoised: bool = True,
+  record_every: int = 0,
+  method: str = "ancestral",
+  timesteps=None,
+  eta: float = 0.0,
+  as_uint8: bool = True,
+):
   """Returns `sample(params, key, ids) -> uint8 images` (and a `Chain` when record_every > 0).
 
   `ids` [B] are global sample ids, sharded over devices; B must divide by the device count.
@@ -110,7 +131,9 @@ def make_sampler(model, d: dm.Diffusion, mesh, *, image_shape, clip_denoised: bo
 
   def per_device(params, key, ids):
     sample_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, ids)
-    draw = lambda t: jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, t), shape))(sample_keys)
+    draw = lambda t: jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, t), shape))(
+      sample_keys
+    )
     x = draw(T)  # x_{T-1} ~ N(0, I)
     records = jnp.zeros((len(recorded), 2, ids.shape[0]) + shape, jnp.float32)
     batch = ids.shape[0]
@@ -124,16 +147,18 @@ def make_sampler(model, d: dm.Diffusion, mesh, *, image_shape, clip_denoised: bo
       x, pred_xstart = reverse_step(out, x, jnp.full((batch,), k, jnp.int32), noise)
       if record_every:
         slot = jnp.asarray(slot_of_step)[k]
-        records = jax.lax.cond(slot >= 0, lambda r: r.at[slot].set(jnp.stack([x, pred_xstart])),
-                               lambda r: r, records)
+        records = jax.lax.cond(
+          slot >= 0, lambda r: r.at[slot].set(jnp.stack([x, pred_xstart])), lambda r: r, records
+        )
       return x, records
 
     x, records = jax.lax.fori_loop(0, num_steps, body, (x, records))
     return (images.to_uint8(x), images.to_uint8(records)) if as_uint8 else (x, records)
 
   spec = P(None, None, parallel.AXIS)
-  sample = parallel.data_parallel(per_device, mesh, in_specs=(P(), P(), P(parallel.AXIS)),
-                                  out_specs=(P(parallel.AXIS), spec))
+  sample = parallel.data_parallel(
+    per_device, mesh, in_specs=(P(), P(), P(parallel.AXIS)), out_specs=(P(parallel.AXIS), spec)
+  )
   if not record_every:
     return lambda params, key, ids: sample(params, key, ids)[0]
 
@@ -151,7 +176,9 @@ def sample_ids(start: int, batch_size: int, mesh):
   return parallel.global_batch(np.arange(first, first + local, dtype=np.int32), mesh)
 
 
-def generate(sample_fn, params, *, key, num_samples: int, batch_size: int, mesh, progress=None) -> np.ndarray:
+def generate(
+  sample_fn, params, *, key, num_samples: int, batch_size: int, mesh, progress=None
+) -> np.ndarray:
   """`num_samples` uint8 images [N, H, W, C] in batches of `batch_size` (any N; the last batch is cut).
 
   `progress(done, total, seconds)` is called after every batch.
@@ -159,7 +186,7 @@ def generate(sample_fn, params, *, key, num_samples: int, batch_size: int, mesh,
   out, start_time = [], time.time()
   for start in range(0, num_samples, batch_size):
     batch = parallel.to_host(sample_fn(params, key, sample_ids(start, batch_size, mesh)))
-    out.append(batch[:num_samples - start])
+    out.append(batch[: num_samples - start])
     if progress is not None:
       progress(min(start + batch_size, num_samples), num_samples, time.time() - start_time)
   return np.concatenate(out, axis=0)

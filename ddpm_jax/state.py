@@ -24,15 +24,21 @@ class TrainState(NamedTuple):
 def make_optimizer(training_config):
   """Adam after global-norm clipping, with linear warmup from 0 (the official recipe). Returns (tx, lr_fn)."""
   c = training_config
-  lr_fn = (optax.linear_schedule(0.0, c.learning_rate, c.warmup_steps) if c.warmup_steps > 0
-           else optax.constant_schedule(c.learning_rate))
-  tx = optax.chain(optax.clip_by_global_norm(c.grad_clip),
-                   optax.adam(lr_fn, b1=c.adam_b1, b2=c.adam_b2, eps=c.adam_eps))
+  lr_fn = (
+    optax.linear_schedule(0.0, c.learning_rate, c.warmup_steps)
+    if c.warmup_steps > 0
+    else optax.constant_schedule(c.learning_rate)
+  )
+  tx = optax.chain(
+    optax.clip_by_global_norm(c.grad_clip),
+    optax.adam(lr_fn, b1=c.adam_b1, b2=c.adam_b2, eps=c.adam_eps),
+  )
   return tx, lr_fn
 
 
 class Built(NamedTuple):
   """What a config describes: the diffusion, the U-Net, the optimizer and its learning-rate schedule."""
+
   diffusion: dm.Diffusion
   model: unet.UNet
   tx: optax.GradientTransformation
@@ -42,8 +48,12 @@ class Built(NamedTuple):
 def build(config) -> Built:
   """The diffusion, model and optimizer a config describes; every setting is checked here, early."""
   d = dm.from_config(config.diffusion)
-  model = unet.create_model(config.model, image_size=config.data.image_size,
-                            num_channels=config.data.num_channels, learned_variance=d.learned_variance)
+  model = unet.create_model(
+    config.model,
+    image_size=config.data.image_size,
+    num_channels=config.data.num_channels,
+    learned_variance=d.learned_variance,
+  )
   tx, lr_fn = make_optimizer(config.training)
   return Built(diffusion=d, model=model, tx=tx, lr_fn=lr_fn)
 
@@ -56,16 +66,22 @@ def init_state(model, tx, *, seed: int, shape) -> TrainState:
   """Fresh parameters (the official initialisation), EMA equal to them, optimizer state, the base key."""
   key = jax.random.key(seed)
   x = jnp.zeros((1,) + tuple(shape), jnp.float32)
-  params = model.init({"params": jax.random.fold_in(key, 0)}, x, jnp.zeros((1,), jnp.int32), train=False)
+  params = model.init(
+    {"params": jax.random.fold_in(key, 0)}, x, jnp.zeros((1,), jnp.int32), train=False
+  )
   return state_from_params(params, tx, seed=seed)
 
 
 def state_from_params(params, tx, *, seed: int, step: int = 0) -> TrainState:
   """A train state at `step` holding `params` (EMA equal to them), fresh optimizer state, the base key."""
   params = jax.tree.map(jnp.asarray, params)
-  return TrainState(step=jnp.asarray(step, jnp.int32), params=params,
-                    ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params),
-                    key=jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1)))
+  return TrainState(
+    step=jnp.asarray(step, jnp.int32),
+    params=params,
+    ema_params=jax.tree.map(jnp.copy, params),
+    opt_state=tx.init(params),
+    key=jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1)),
+  )
 
 
 def abstract_state(model, tx, *, shape, mesh):

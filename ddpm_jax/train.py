@@ -43,7 +43,9 @@ def per_example_randomness(step_key, ids, *, num_timesteps: int, shape):
   return t, noise, dropout_keys
 
 
-def make_train_step(model, d: dm.Diffusion, tx, mesh, *, ema_decay: float, lr_fn, cpu_options: bool = True):
+def make_train_step(
+  model, d: dm.Diffusion, tx, mesh, *, ema_decay: float, lr_fn, cpu_options: bool = True
+):
   """Returns `train_step(state, batches) -> (state, metrics)`; batches are uint8 [k, B, H, W, C].
 
   The k steps run in one `lax.scan` (one dispatch); metrics are arrays [k]. The old state's
@@ -56,7 +58,11 @@ def make_train_step(model, d: dm.Diffusion, tx, mesh, *, ema_decay: float, lr_fn
     x_start = images.to_model_input(images_uint8)
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
     t, noise, dropout_keys = per_example_randomness(
-        step_key, parallel.example_ids(local_batch), num_timesteps=d.num_timesteps, shape=x_start.shape[1:])
+      step_key,
+      parallel.example_ids(local_batch),
+      num_timesteps=d.num_timesteps,
+      shape=x_start.shape[1:],
+    )
 
     def loss_fn(params):
       def model_fn(x_t, t):
@@ -69,22 +75,36 @@ def make_train_step(model, d: dm.Diffusion, tx, mesh, *, ema_decay: float, lr_fn
     loss, grads = jax.lax.pmean((loss, grads), parallel.AXIS)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    new_state = state_lib.TrainState(step=state.step + 1, params=params,
-                                     ema_params=state_lib.ema_update(state.ema_params, params, ema_decay),
-                                     opt_state=opt_state, key=state.key)
-    metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads),
-                   learning_rate=jnp.asarray(lr_fn(state.step), jnp.float32))
+    new_state = state_lib.TrainState(
+      step=state.step + 1,
+      params=params,
+      ema_params=state_lib.ema_update(state.ema_params, params, ema_decay),
+      opt_state=opt_state,
+      key=state.key,
+    )
+    metrics = dict(
+      loss=loss,
+      grad_norm=optax.tree.norm(grads),
+      learning_rate=jnp.asarray(lr_fn(state.step), jnp.float32),
+    )
     return new_state, metrics
 
   def per_device(state, batches):
-    if batches.shape[0] == 1:  # no loop: XLA:CPU runs a convolution's gradient ~30x slower inside one
+    if (
+      batches.shape[0] == 1
+    ):  # no loop: XLA:CPU runs a convolution's gradient ~30x slower inside one
       state, metrics = one_step(state, batches[0])
       return state, jax.tree.map(lambda m: m[None], metrics)
     return jax.lax.scan(one_step, state, batches)
 
-  return parallel.data_parallel(per_device, mesh, in_specs=(P(), P(None, parallel.AXIS)),
-                                out_specs=(P(), P()), donate_argnums=(0,),
-                                compiler_options=xla_cpu.train_step_options(mesh) if cpu_options else None)
+  return parallel.data_parallel(
+    per_device,
+    mesh,
+    in_specs=(P(), P(None, parallel.AXIS)),
+    out_specs=(P(), P()),
+    donate_argnums=(0,),
+    compiler_options=xla_cpu.train_step_options(mesh) if cpu_options else None,
+  )
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -118,6 +138,7 @@ def _summary_writer(workdir):
   if jax.process_index() != 0:
     return None
   from flax.metrics import tensorboard  # pylint: disable=g-import-not-at-top
+
   return tensorboard.SummaryWriter(workdir)
 
 
@@ -130,9 +151,13 @@ def _format_duration(seconds: float) -> str:
 class _Logger:
   """Collects per-step metrics on device and reports them every log_every steps (stdout + TensorBoard)."""
 
-  def __init__(self, writer, *, num_steps: int, batch_size: int, start_step: int, newest_checkpoint=lambda: ""):
+  def __init__(
+    self, writer, *, num_steps: int, batch_size: int, start_step: int, newest_checkpoint=lambda: ""
+  ):
     self.writer, self.num_steps, self.batch_size = writer, num_steps, batch_size
-    self.newest_checkpoint = newest_checkpoint  # () -> a sentence naming the newest checkpoint on disk
+    self.newest_checkpoint = (
+      newest_checkpoint  # () -> a sentence naming the newest checkpoint on disk
+    )
     self.pending = []  # (first step, metrics dict of device arrays [k])
     self.last_time, self.last_step = time.time(), start_step
     self.last_loss = None
@@ -148,8 +173,9 @@ class _Logger:
       if bad.any():
         i = int(np.argmax(bad))
         raise NonFiniteError(
-            f"Non-finite loss ({m['loss'][i]}) or gradient norm ({m['grad_norm'][i]}) at step {first + i + 1}; "
-            f"stopped without writing a checkpoint. {self.newest_checkpoint()}".strip())
+          f"Non-finite loss ({m['loss'][i]}) or gradient norm ({m['grad_norm'][i]}) at step {first + i + 1}; "
+          f"stopped without writing a checkpoint. {self.newest_checkpoint()}".strip()
+        )
     return fetched
 
   def report(self, step: int):
@@ -164,19 +190,36 @@ class _Logger:
     steps_per_sec = (step - self.last_step) / max(now - self.last_time, 1e-9)
     eta = (self.num_steps - step) / max(steps_per_sec, 1e-9)
     self.last_time, self.last_step, self.last_loss = now, step, loss
-    logging.info("step %d/%d  loss %.5f  grad_norm %.3f  lr %.3g  %.2f steps/s  %.1f images/s  ETA %s",
-                 step, self.num_steps, loss, grad_norm, lr, steps_per_sec, steps_per_sec * self.batch_size,
-                 _format_duration(eta))
+    logging.info(
+      "step %d/%d  loss %.5f  grad_norm %.3f  lr %.3g  %.2f steps/s  %.1f images/s  ETA %s",
+      step,
+      self.num_steps,
+      loss,
+      grad_norm,
+      lr,
+      steps_per_sec,
+      steps_per_sec * self.batch_size,
+      _format_duration(eta),
+    )
     if self.writer is not None:
-      for name, value in (("loss", loss), ("grad_norm", grad_norm), ("learning_rate", lr),
-                          ("steps_per_sec", steps_per_sec), ("images_per_sec", steps_per_sec * self.batch_size)):
+      for name, value in (
+        ("loss", loss),
+        ("grad_norm", grad_norm),
+        ("learning_rate", lr),
+        ("steps_per_sec", steps_per_sec),
+        ("images_per_sec", steps_per_sec * self.batch_size),
+      ):
         self.writer.scalar(f"train/{name}", value, step)
       self.writer.flush()
 
 
-def write_sample_grid(workdir, *, sample_fn, params, key, num: int, batch_size: int, mesh, step: int, writer=None):
+def write_sample_grid(
+  workdir, *, sample_fn, params, key, num: int, batch_size: int, mesh, step: int, writer=None
+):
   """Samples `num` images with the EMA params and writes WORKDIR/samples/step_<step>.png (process 0)."""
-  imgs = sampling.generate(sample_fn, params, key=key, num_samples=num, batch_size=batch_size, mesh=mesh)
+  imgs = sampling.generate(
+    sample_fn, params, key=key, num_samples=num, batch_size=batch_size, mesh=mesh
+  )
   if jax.process_index() != 0:
     return None
   grid = images.make_grid(imgs)
@@ -200,29 +243,51 @@ def train_and_evaluate(config, workdir: str):
   saved = checkpoint.read_config(workdir)
   if saved is not None:
     checkpoint.check_compatible(saved, config, source=f"the run in {workdir}")
-  data_iterator = data.train_iterator(config.data, global_batch_size=c.batch_size, seed=config.seed,
-                                      process_index=jax.process_index(), process_count=jax.process_count())
+  data_iterator = data.train_iterator(
+    config.data,
+    global_batch_size=c.batch_size,
+    seed=config.seed,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
   manager = checkpoint.make_manager(workdir, keep=c.keep_checkpoints)
 
   if manager.latest_step() is not None:
-    state = checkpoint.restore(manager, abstract_state=state_lib.abstract_state(model, tx, shape=shape, mesh=mesh),
-                               data_iterator=data_iterator, set_aside_corrupt=True)
-    logging.info("Resumed from the checkpoint of step %d in %s.", int(state.step), checkpoint.checkpoint_dir(workdir))
+    state = checkpoint.restore(
+      manager,
+      abstract_state=state_lib.abstract_state(model, tx, shape=shape, mesh=mesh),
+      data_iterator=data_iterator,
+      set_aside_corrupt=True,
+    )
+    logging.info(
+      "Resumed from the checkpoint of step %d in %s.",
+      int(state.step),
+      checkpoint.checkpoint_dir(workdir),
+    )
   else:
-    state = jax.jit(functools.partial(state_lib.init_state, model, tx, seed=config.seed, shape=shape),
-                    out_shardings=parallel.replicated(mesh))()
+    state = jax.jit(
+      functools.partial(state_lib.init_state, model, tx, seed=config.seed, shape=shape),
+      out_shardings=parallel.replicated(mesh),
+    )()
     logging.info("Starting from scratch: %s parameters.", f"{unet.count_params(state.params):,}")
 
   checkpoint.write_config(workdir, config)
   train_step = make_train_step(model, d, tx, mesh, ema_decay=c.ema_decay, lr_fn=lr_fn)
   grid_batch = parallel.round_up_to_devices(c.num_grid_samples)
-  sample_fn = sampling.make_sampler(model, d, mesh, image_shape=shape, clip_denoised=config.sampling.clip_denoised)
+  sample_fn = sampling.make_sampler(
+    model, d, mesh, image_shape=shape, clip_denoised=config.sampling.clip_denoised
+  )
   grid_key = jax.random.fold_in(jax.random.key(config.seed), 2)
   writer = _summary_writer(workdir)
 
   step = int(state.step)
-  logger = _Logger(writer, num_steps=c.num_steps, batch_size=c.batch_size, start_step=step,
-                   newest_checkpoint=lambda: checkpoint.newest_on_disk(manager))
+  logger = _Logger(
+    writer,
+    num_steps=c.num_steps,
+    batch_size=c.batch_size,
+    start_step=step,
+    newest_checkpoint=lambda: checkpoint.newest_on_disk(manager),
+  )
   k = c.steps_per_dispatch
   crossed = lambda every, before, after: bool(every) and after // every > before // every
   batches = parallel.DevicePrefetcher(data_iterator, mesh)
@@ -230,7 +295,9 @@ def train_and_evaluate(config, workdir: str):
     while step < c.num_steps:
       n = min(k, c.num_steps - step)
       state, metrics = train_step(state, batches.take(n))
-      batches.prefetch(min(k, c.num_steps - step - n))  # while the step just dispatched runs (async dispatch)
+      batches.prefetch(
+        min(k, c.num_steps - step - n)
+      )  # while the step just dispatched runs (async dispatch)
       logger.add(step, metrics)
       manager.seal_finished()  # digests of a checkpoint whose background write has just committed
       step, before = step + n, step
@@ -242,19 +309,42 @@ def train_and_evaluate(config, workdir: str):
       if crossed(c.checkpoint_every, before, step) or done or preempted:
         logger.check_finite()
         batches.rewind()  # the checkpoint holds the data position of the steps taken, not of the read-ahead
-        checkpoint.save(manager, state=state, data_iterator=data_iterator, config=config, force=True)
+        checkpoint.save(
+          manager, state=state, data_iterator=data_iterator, config=config, force=True
+        )
       if preempted:
         manager.wait_until_finished()
-        logging.info("Stopped by %s at step %d; checkpoint written. Run the same command to resume.",
-                     preemption.signal or "preemption", step)
+        logging.info(
+          "Stopped by %s at step %d; checkpoint written. Run the same command to resume.",
+          preemption.signal or "preemption",
+          step,
+        )
         return state
       if crossed(c.sample_every, before, step) and c.num_grid_samples and not done:
-        write_sample_grid(workdir, sample_fn=sample_fn, params=state.ema_params, key=grid_key,
-                          num=c.num_grid_samples, batch_size=grid_batch, mesh=mesh, step=step, writer=writer)
+        write_sample_grid(
+          workdir,
+          sample_fn=sample_fn,
+          params=state.ema_params,
+          key=grid_key,
+          num=c.num_grid_samples,
+          batch_size=grid_batch,
+          mesh=mesh,
+          step=step,
+          writer=writer,
+        )
   manager.wait_until_finished()
   if c.num_steps > 0 and c.num_grid_samples > 0:
-    write_sample_grid(workdir, sample_fn=sample_fn, params=state.ema_params, key=grid_key,
-                      num=c.num_grid_samples, batch_size=grid_batch, mesh=mesh, step=step, writer=writer)
+    write_sample_grid(
+      workdir,
+      sample_fn=sample_fn,
+      params=state.ema_params,
+      key=grid_key,
+      num=c.num_grid_samples,
+      batch_size=grid_batch,
+      mesh=mesh,
+      step=step,
+      writer=writer,
+    )
   if writer is not None:
     writer.close()
   return state

@@ -38,7 +38,11 @@ def _real(section, path: str, name: str, *, above=None, at_least=None, below=Non
   if below is not None:
     ok, bounds = ok and value < below, bounds + [f"< {below}"]
   if not ok:
-    _fail(f"{path}.{name}", value, "must be a finite number" + (" " + " and ".join(bounds) if bounds else ""))
+    _fail(
+      f"{path}.{name}",
+      value,
+      "must be a finite number" + (" " + " and ".join(bounds) if bounds else ""),
+    )
 
 
 def _unit_interval(section, path: str, name: str):
@@ -62,7 +66,9 @@ def _bool(section, path: str, name: str):
 def _string(section, path: str, name: str, *, empty_ok: bool = True):
   value = section[name]
   if not isinstance(value, str) or (not empty_ok and not value):
-    _fail(f"{path}.{name}", value, "must be a non-empty string" if not empty_ok else "must be a string")
+    _fail(
+      f"{path}.{name}", value, "must be a non-empty string" if not empty_ok else "must be a string"
+    )
 
 
 # ----------------------------------------------------------------------------- one function per section
@@ -108,10 +114,13 @@ def check_diffusion(config, mode: str):
   except ConfigError as e:
     raise ConfigError(f"config.diffusion: {e}") from None
   try:
-    dm.get_beta_schedule(c.beta_schedule, beta_start=c.beta_start, beta_end=c.beta_end,
-                         num_timesteps=c.num_timesteps)  # NumPy only: every beta in (0, 1]
+    dm.get_beta_schedule(
+      c.beta_schedule, beta_start=c.beta_start, beta_end=c.beta_end, num_timesteps=c.num_timesteps
+    )  # NumPy only: every beta in (0, 1]
   except ConfigError as e:
-    raise ConfigError(f"config.diffusion.beta_start = {c.beta_start!r}, beta_end = {c.beta_end!r}: {e}") from None
+    raise ConfigError(
+      f"config.diffusion.beta_start = {c.beta_start!r}, beta_end = {c.beta_end!r}: {e}"
+    ) from None
 
 
 def check_model(config, mode: str):
@@ -120,8 +129,12 @@ def check_model(config, mode: str):
   _bool(config.model, "model", "resamp_with_conv")
   if "remat" in config.model:
     _bool(config.model, "model", "remat")
-  unet.create_model(config.model, image_size=config.data.image_size, num_channels=config.data.num_channels,
-                    learned_variance=config.diffusion.var_type in dm.LEARNED_VAR_TYPES)
+  unet.create_model(
+    config.model,
+    image_size=config.data.image_size,
+    num_channels=config.data.num_channels,
+    learned_variance=config.diffusion.var_type in dm.LEARNED_VAR_TYPES,
+  )
 
 
 def check_training(config, mode: str):
@@ -140,7 +153,11 @@ def check_training(config, mode: str):
   for name in ("log_every", "checkpoint_every", "sample_every"):
     _int(c, p, name, minimum=0)
     if c[name] % c.steps_per_dispatch:
-      _fail(f"{p}.{name}", c[name], f"must be a multiple of training.steps_per_dispatch = {c.steps_per_dispatch}")
+      _fail(
+        f"{p}.{name}",
+        c[name],
+        f"must be a multiple of training.steps_per_dispatch = {c.steps_per_dispatch}",
+      )
   _int(c, p, "num_grid_samples", minimum=0)
   _int(c, p, "keep_checkpoints", minimum=1)
 
@@ -155,6 +172,7 @@ def check_sampling(config, mode: str):
   _int(c, p, "checkpoint_step", minimum=-1)
   # method, num_steps, spacing and eta (respace/sampling own those rules; NumPy only, no devices)
   from ddpm_jax import sampling  # pylint: disable=g-import-not-at-top
+
   sampling.sampler_options(c, config.diffusion.num_timesteps)
 
 
@@ -171,8 +189,14 @@ def check_evaluation(config, mode: str):
   _int(c, p, "sample_chunk_size", minimum=1)
   _string(c, p, "inception_weights")
   _choice(c, p, "fid_resize", ("tf", "pytorch"))
-  if not c.fid_reference_splits or not all(isinstance(s, str) and s for s in c.fid_reference_splits):
-    _fail(f"{p}.fid_reference_splits", c.fid_reference_splits, "must name one or more splits, e.g. ('train',)")
+  if not c.fid_reference_splits or not all(
+    isinstance(s, str) and s for s in c.fid_reference_splits
+  ):
+    _fail(
+      f"{p}.fid_reference_splits",
+      c.fid_reference_splits,
+      "must name one or more splits, e.g. ('train',)",
+    )
   _int(c, p, "num_fid_reference", minimum=0)
   _string(c, p, "stats_dir")
   if not c.watch_modes or any(m not in ("bpd", "fid") for m in c.watch_modes):
@@ -185,6 +209,7 @@ def check_interpolation(config, mode: str):
   if mode != "interpolate":  # only that mode reads the section
     return
   from ddpm_jax import interpolate  # pylint: disable=g-import-not-at-top
+
   interpolate.check_config(config.interpolation, config.diffusion.num_timesteps)
 
 
@@ -199,15 +224,15 @@ def check_distributed(config, mode: str):
 
 # In order: later checks may rely on earlier sections being valid (the model on data and diffusion).
 SECTION_CHECKS = {
-    "seed": check_seed,
-    "data": check_data,
-    "diffusion": check_diffusion,
-    "model": check_model,
-    "training": check_training,
-    "sampling": check_sampling,
-    "evaluation": check_evaluation,
-    "interpolation": check_interpolation,
-    "distributed": check_distributed,
+  "seed": check_seed,
+  "data": check_data,
+  "diffusion": check_diffusion,
+  "model": check_model,
+  "training": check_training,
+  "sampling": check_sampling,
+  "evaluation": check_evaluation,
+  "interpolation": check_interpolation,
+  "distributed": check_distributed,
 }
 
 

@@ -28,7 +28,9 @@ TRAIN_STEP_OPTIONS = {OPTION: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION
 MEASURED_JAXLIB = ("0.10.",)  # jaxlib version prefixes the options were measured with
 
 
-def train_step_options(mesh, *, jaxlib_version_string: str | None = None, xla_flags: str | None = None):
+def train_step_options(
+  mesh, *, jaxlib_version_string: str | None = None, xla_flags: str | None = None
+):
   """Compiler options for the train step's jit on `mesh`: TRAIN_STEP_OPTIONS on CPU devices with a
   measured jaxlib unless XLA_FLAGS sets the option itself; otherwise None (XLA's defaults)."""
   version = jaxlib_version.__version__ if jaxlib_version_string is None else jaxlib_version_string
@@ -54,6 +56,7 @@ def synchronous_dispatch() -> bool:
   pipeline's batches are ready (worker processes, or in memory)."""
   import jax  # pylint: disable=g-import-not-at-top
   from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top  (no public "backends started?")
+
   if xla_bridge.backends_are_initialized():
     return False
   jax.config.update("jax_cpu_enable_async_dispatch", False)
@@ -75,6 +78,7 @@ def retain_freed_memory_on_one_cpu() -> bool:
   """retain_freed_memory() when this process computes on one CPU device, the case synchronous dispatch
   moves onto the main thread; otherwise nothing. Starts JAX's backends. Returns whether applied."""
   import jax  # pylint: disable=g-import-not-at-top
+
   return jax.default_backend() == "cpu" and jax.local_device_count() == 1 and retain_freed_memory()
 
 
@@ -85,7 +89,11 @@ def keep_host_memory() -> bool:
   False, changing nothing, when called after the backends started or on any other device."""
   if not synchronous_dispatch():
     import warnings  # pylint: disable=g-import-not-at-top
-    warnings.warn("xla_cpu.keep_host_memory() was called after JAX's backends started; it changes nothing "
-                  "(call it before the first computation, e.g. in a fresh kernel).", stacklevel=2)
+
+    warnings.warn(
+      "xla_cpu.keep_host_memory() was called after JAX's backends started; it changes nothing "
+      "(call it before the first computation, e.g. in a fresh kernel).",
+      stacklevel=2,
+    )
     return False
   return retain_freed_memory_on_one_cpu()

@@ -8,8 +8,9 @@ import tempfile
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # Compiled programs are reused across tests and subprocesses (same HLO -> same executable).
-CACHE_DIR = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                                  os.path.join(tempfile.gettempdir(), "ddpm_jax_test_compile_cache"))
+CACHE_DIR = os.environ.setdefault(
+  "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "ddpm_jax_test_compile_cache")
+)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
@@ -23,6 +24,7 @@ if REPO not in sys.path:
 def tiny_config(**overrides):
   """The digits config shrunk for tests: 8x8 images, a 2-level 32-channel U-Net, T = 10."""
   from ddpm_jax.configs import digits  # pylint: disable=g-import-not-at-top
+
   config = digits.get_config()
   config.data.image_size = 8
   config.model.ch_mult = (1, 2)
@@ -63,8 +65,15 @@ def config_flags(config, *sections):
 def run_cli(*args, env=None, timeout=600, **kwargs):
   """Runs `python -m ddpm_jax.main ARGS` in the repository root; returns the CompletedProcess."""
   full_env = dict(os.environ, **(env or {}))
-  return subprocess.run([sys.executable, "-m", "ddpm_jax.main", *args], cwd=REPO, env=full_env,
-                        capture_output=True, text=True, timeout=timeout, **kwargs)
+  return subprocess.run(
+    [sys.executable, "-m", "ddpm_jax.main", *args],
+    cwd=REPO,
+    env=full_env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    **kwargs,
+  )
 
 
 @pytest.fixture

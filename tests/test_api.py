@@ -42,8 +42,13 @@ print(json.dumps(dict(on_import=on_import, after_run=changes(), step=int(final.s
 
 
 def test_entry_points_run_without_flags_and_change_no_global_state(tmp_path):
-  result = subprocess.run([sys.executable, "-c", _SCRIPT, REPO, str(tmp_path)], capture_output=True, text=True,
-                          timeout=600, cwd=tmp_path)
+  result = subprocess.run(
+    [sys.executable, "-c", _SCRIPT, REPO, str(tmp_path)],
+    capture_output=True,
+    text=True,
+    timeout=600,
+    cwd=tmp_path,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(result.stdout.strip().splitlines()[-1])
   nothing = dict(new_flags=[], env={}, env_removed=[], parsed=False)
@@ -58,7 +63,9 @@ def test_entry_points_run_without_flags_and_change_no_global_state(tmp_path):
 def test_progressive_picture_of_the_digits_config_has_ten_frames():
   c = digits.get_config()
   every = sampling.record_interval(c.diffusion.num_timesteps, c.sampling.progressive_every)
-  assert list(sampling.record_timesteps(c.diffusion.num_timesteps, every)) == list(range(180, -1, -20))
+  assert list(sampling.record_timesteps(c.diffusion.num_timesteps, every)) == list(
+    range(180, -1, -20)
+  )
   assert sampling.record_interval(1000, 0) == 100 and sampling.record_interval(5, 0) == 1
   assert sampling.record_interval(200, 50) == 50
 
@@ -68,7 +75,9 @@ def test_a_read_only_manager_logs_no_warnings(tmp_path, caplog):
   with caplog.at_level(logging.INFO):
     manager = checkpoint.make_manager(str(tmp_path), keep=2, read_only=True)
   assert manager.all_steps() == []
-  assert not [r for r in caplog.records if r.levelno >= logging.WARNING], [r.getMessage() for r in caplog.records]
+  assert not [r for r in caplog.records if r.levelno >= logging.WARNING], [
+    r.getMessage() for r in caplog.records
+  ]
 
 
 def test_workdir_files_go_through_epath_so_gs_urls_work(tmp_path, monkeypatch):

@@ -17,14 +17,18 @@ TINY = config_flags(tiny_config(), "data", "model", "diffusion", "training", "sa
 
 
 def cli(workdir, *extra, mode="train"):
-  return run_cli("--config=configs/digits.py", f"--workdir={workdir}", f"--mode={mode}", *TINY, *extra)
+  return run_cli(
+    "--config=configs/digits.py", f"--workdir={workdir}", f"--mode={mode}", *TINY, *extra
+  )
 
 
 def test_train_then_sample_writes_valid_files(tmp_path):
   result = cli(tmp_path)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "step 4/4" in result.stderr
-  if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":  # xla_cpu's host-memory setting
+  if (
+    sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+  ):  # xla_cpu's host-memory setting
     assert "CPU: synchronous dispatch, freed host memory kept" in result.stderr
   grid = tmp_path / "samples" / "step_4.png"
   assert Image.open(grid).size[0] >= 256
@@ -44,10 +48,21 @@ def test_train_then_sample_writes_valid_files(tmp_path):
 
 
 def test_sigterm_leaves_a_checkpoint_to_resume_from(tmp_path):
-  args = ["--config=configs/digits.py", f"--workdir={tmp_path}", *TINY, "--config.training.num_steps=100000",
-          "--config.training.log_every=1", "--config.training.checkpoint_every=0"]
-  proc = subprocess.Popen([sys.executable, "-m", "ddpm_jax.main", *args], cwd=REPO, stderr=subprocess.PIPE,
-                          stdout=subprocess.DEVNULL, text=True)
+  args = [
+    "--config=configs/digits.py",
+    f"--workdir={tmp_path}",
+    *TINY,
+    "--config.training.num_steps=100000",
+    "--config.training.log_every=1",
+    "--config.training.checkpoint_every=0",
+  ]
+  proc = subprocess.Popen(
+    [sys.executable, "-m", "ddpm_jax.main", *args],
+    cwd=REPO,
+    stderr=subprocess.PIPE,
+    stdout=subprocess.DEVNULL,
+    text=True,
+  )
   lines = []
   deadline = time.time() + 300
   while time.time() < deadline:
@@ -67,14 +82,17 @@ def test_sigterm_leaves_a_checkpoint_to_resume_from(tmp_path):
   assert f"step {steps[0] + 2}/{steps[0] + 2}" in result.stderr
 
 
-@pytest.mark.parametrize("extra,message", [
+@pytest.mark.parametrize(
+  "extra,message",
+  [
     (["--mode=evaluate"], "value should be one of"),
     (["--config.data.dataset=mnist"], "mnist"),
     (["--config.training.batch_size=6"], "not divisible by the number of devices"),
     (["--config.diffusion.beta_schedule=cosin"], "cosin"),
     (["--config.model.attn_resolutions=(3,)"], "3"),
     (["--config.trainig.batch_size=8"], "trainig"),
-])
+  ],
+)
 def test_user_errors_give_one_sentence_and_exit_nonzero(tmp_path, extra, message):
   env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
   result = run_cli("--config=configs/digits.py", f"--workdir={tmp_path}", *TINY, *extra, env=env)
@@ -95,6 +113,10 @@ def test_missing_workdir_and_no_checkpoint(tmp_path):
 def test_dataset_errors_reach_the_user_as_one_sentence(tmp_path):
   """DatasetError (here: a missing image folder) ends the CLI with its message; the offline TFDS
   message itself is checked in test_data.py, where the network can be switched off."""
-  result = cli(tmp_path / "w", "--config.data.dataset=image_folder", f"--config.data.image_folder={tmp_path / 'nope'}")
+  result = cli(
+    tmp_path / "w",
+    "--config.data.dataset=image_folder",
+    f"--config.data.image_folder={tmp_path / 'nope'}",
+  )
   assert result.returncode == 1 and "Traceback" not in result.stderr
   assert "nope" in result.stderr, result.stderr[-2000:]

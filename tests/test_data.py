@@ -45,7 +45,7 @@ def id_folder(tmp_path_factory):
   root = tmp_path_factory.mktemp("ids")
   for i in range(N_FOLDER):
     image = np.full((SIZE, SIZE), 255, np.uint8)
-    image[:, :SIZE // 2] = 4 + 8 * i
+    image[:, : SIZE // 2] = 4 + 8 * i
     Image.fromarray(image).save(root / f"{i:02d}.png")
   return str(root)
 
@@ -60,7 +60,9 @@ def _ids_and_flips(batch):
 
 def _folder_config(folder, **overrides):
   """A grayscale image_folder data config at SIZE x SIZE."""
-  return _config(dataset="image_folder", image_folder=folder, image_size=SIZE, num_channels=1, **overrides)
+  return _config(
+    dataset="image_folder", image_folder=folder, image_size=SIZE, num_channels=1, **overrides
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -69,6 +71,7 @@ def _folder_config(folder, **overrides):
 
 def test_digits_source():
   from sklearn import datasets
+
   source = data.load_images(_digits(), split="train")
   assert len(source) == 1797
   images = np.stack([source[i] for i in range(len(source))])
@@ -97,7 +100,9 @@ def test_train_iterator_shape_and_determinism():
 
 
 def test_epochs_reshuffle_and_cover_every_example(id_folder):
-  it = data.train_iterator(_folder_config(id_folder, random_flip=False), global_batch_size=6, seed=0)
+  it = data.train_iterator(
+    _folder_config(id_folder, random_flip=False), global_batch_size=6, seed=0
+  )
   epochs = []
   for _ in range(3):
     ids = np.concatenate([_ids_and_flips(b)[0] for b in _take(it, N_FOLDER // 6)])
@@ -108,10 +113,14 @@ def test_epochs_reshuffle_and_cover_every_example(id_folder):
 
 
 def test_flips_only_with_random_flip(id_folder):
-  it = data.train_iterator(_folder_config(id_folder, random_flip=True), global_batch_size=24, seed=1)
+  it = data.train_iterator(
+    _folder_config(id_folder, random_flip=True), global_batch_size=24, seed=1
+  )
   flipped = np.concatenate([_ids_and_flips(b)[1] for b in _take(it, 10)])
   assert 0.35 < flipped.mean() < 0.65
-  it = data.train_iterator(_folder_config(id_folder, random_flip=False), global_batch_size=24, seed=1)
+  it = data.train_iterator(
+    _folder_config(id_folder, random_flip=False), global_batch_size=24, seed=1
+  )
   batches = _take(it, 4)
   assert not np.concatenate([_ids_and_flips(b)[1] for b in batches]).any()
 
@@ -121,8 +130,15 @@ def test_global_batch_does_not_depend_on_process_count(process_count):
   config = _digits(random_flip=True)
   steps = 5  # 5 x 24 = 120 rows, also crossing no epoch; the folder test below crosses epochs
   single = _take(data.train_iterator(config, global_batch_size=24, seed=7), steps)
-  shards = [_take(data.train_iterator(config, global_batch_size=24, seed=7, process_index=p,
-                                      process_count=process_count), steps) for p in range(process_count)]
+  shards = [
+    _take(
+      data.train_iterator(
+        config, global_batch_size=24, seed=7, process_index=p, process_count=process_count
+      ),
+      steps,
+    )
+    for p in range(process_count)
+  ]
   for s in range(steps):
     assert shards[0][s].shape == (24 // process_count, 16, 16, 1)
     np.testing.assert_array_equal(np.concatenate([shard[s] for shard in shards]), single[s])
@@ -131,8 +147,12 @@ def test_global_batch_does_not_depend_on_process_count(process_count):
 def test_process_independence_across_epochs(id_folder):
   config = _folder_config(id_folder, random_flip=True)
   single = _take(data.train_iterator(config, global_batch_size=8, seed=2), 9)  # 3 epochs
-  shards = [_take(data.train_iterator(config, global_batch_size=8, seed=2, process_index=p, process_count=2), 9)
-            for p in range(2)]
+  shards = [
+    _take(
+      data.train_iterator(config, global_batch_size=8, seed=2, process_index=p, process_count=2), 9
+    )
+    for p in range(2)
+  ]
   for s in range(9):
     np.testing.assert_array_equal(np.concatenate([shards[0][s], shards[1][s]]), single[s])
 
@@ -143,7 +163,9 @@ def test_get_state_set_state_resumes_exactly(id_folder):
   _take(it, 7)
   state = it.get_state()
   expected = _take(it, 10)  # crosses epochs
-  resumed = data.train_iterator(config, global_batch_size=4, process_index=1, process_count=2, seed=5)
+  resumed = data.train_iterator(
+    config, global_batch_size=4, process_index=1, process_count=2, seed=5
+  )
   resumed.set_state(state)
   for x, y in zip(_take(resumed, 10), expected):
     np.testing.assert_array_equal(x, y)
@@ -172,6 +194,7 @@ def test_worker_processes_give_the_same_stream():
   expected = _take(data.train_iterator(config, global_batch_size=8, seed=9), 3)
   config.num_workers = 1
   from absl import flags  # pylint: disable=g-import-not-at-top
+
   was_parsed = flags.FLAGS.is_parsed()
   if not was_parsed:  # library code leaves absl's flags alone: workers need them parsed
     with pytest.raises(data.DatasetError, match="mark_as_parsed"):
@@ -186,6 +209,7 @@ def test_worker_processes_give_the_same_stream():
     if not was_parsed:
       flags.FLAGS.unparse_flags()
 
+
 # ----------------------------------------------------------------------------------------------
 # Image folders.
 
@@ -196,24 +220,34 @@ def test_image_folder_formats_and_center_crop(tmp_path):
   wide[..., 0] = 255
   wide[:, 10:30] = (0, 255, 0)
   Image.fromarray(wide).save(tmp_path / "a_wide.png")
-  tall = np.zeros((64, 32, 3), np.uint8)  # blue 32x32 center, red margins top and bottom (on JPEG blocks)
+  tall = np.zeros(
+    (64, 32, 3), np.uint8
+  )  # blue 32x32 center, red margins top and bottom (on JPEG blocks)
   tall[..., 0] = 255
   tall[16:48] = (0, 0, 255)
   Image.fromarray(tall).save(tmp_path / "sub" / "b_tall.JPG", quality=95)
   Image.fromarray(np.full((5, 5), 100, np.uint8)).save(tmp_path / "c_gray.jpeg")  # upscaled
   (tmp_path / "d_readme.txt").write_text("ignored")
 
-  rgb = data.load_images(_config(dataset="image_folder", image_folder=str(tmp_path), image_size=SIZE,
-                                 num_channels=3), split="train")
+  rgb = data.load_images(
+    _config(dataset="image_folder", image_folder=str(tmp_path), image_size=SIZE, num_channels=3),
+    split="train",
+  )
   assert len(rgb) == 3
   images = [rgb[i] for i in range(3)]
   assert all(im.shape == (SIZE, SIZE, 3) and im.dtype == np.uint8 for im in images)
-  np.testing.assert_array_equal(images[0], np.broadcast_to(np.array([0, 255, 0], np.uint8), (SIZE, SIZE, 3)))
+  np.testing.assert_array_equal(
+    images[0], np.broadcast_to(np.array([0, 255, 0], np.uint8), (SIZE, SIZE, 3))
+  )
   assert np.abs(images[1].astype(int) - 100).max() <= 2  # sorted by path: c_gray.jpeg before sub/
-  assert images[2][..., 0].max() < 30 and images[2][..., 2].min() > 220  # JPEG: approximately blue, no red
+  assert (
+    images[2][..., 0].max() < 30 and images[2][..., 2].min() > 220
+  )  # JPEG: approximately blue, no red
 
-  gray = data.load_images(_config(dataset="image_folder", image_folder=str(tmp_path), image_size=SIZE,
-                                  num_channels=1), split="train")
+  gray = data.load_images(
+    _config(dataset="image_folder", image_folder=str(tmp_path), image_size=SIZE, num_channels=1),
+    split="train",
+  )
   assert gray[0].shape == (SIZE, SIZE, 1)
   assert len(np.unique(gray[0])) == 1  # the crop is uniformly green-as-gray: no red margin mixed in
 
@@ -235,8 +269,10 @@ def test_eval_batches_in_order_without_flip(id_folder):
 @pytest.fixture
 def no_network(monkeypatch):
   """Every socket connection or DNS lookup fails at once, and proxies are unset."""
+
   def refuse(*args, **kwargs):
     raise OSError("network disabled in tests")
+
   monkeypatch.setattr(socket, "create_connection", refuse)
   monkeypatch.setattr(socket, "getaddrinfo", refuse)
   monkeypatch.setattr(socket.socket, "connect", refuse)
@@ -250,9 +286,13 @@ def test_tfds_cifar10_through_train_iterator(no_network, tmp_path):
   with tfds.testing.mock_data(num_examples=40):
     it = data.train_iterator(config, global_batch_size=8, seed=0)
     batches = _take(it, 6)  # past one epoch of 40
-    small = data.load_images(_config(dataset="cifar10", tfds_data_dir=str(tmp_path), image_size=16), split="test")
+    small = data.load_images(
+      _config(dataset="cifar10", tfds_data_dir=str(tmp_path), image_size=16), split="test"
+    )
     with pytest.raises(data.DatasetError, match="3-channel"):
-      data.load_images(_config(dataset="cifar10", num_channels=1, tfds_data_dir=str(tmp_path)), split="train")
+      data.load_images(
+        _config(dataset="cifar10", num_channels=1, tfds_data_dir=str(tmp_path)), split="train"
+      )
   assert all(b.shape == (8, 32, 32, 3) and b.dtype == np.uint8 for b in batches)
   assert len(np.unique(np.concatenate(batches[:5]).reshape(40, -1), axis=0)) > 1
   assert small[0].shape == (16, 16, 3)
@@ -262,12 +302,18 @@ def test_tfds_not_prepared_offline_fails_fast(no_network, tmp_path, monkeypatch)
   """Offline, the error comes before TFDS starts a download (whose retries would take minutes)."""
   tfds = data._import_tfds()
   downloads = []
-  monkeypatch.setattr(tfds.download.DownloadManager, "download", lambda *a, **k: downloads.append(a))
-  monkeypatch.setattr(tfds.download.DownloadManager, "download_and_extract", lambda *a, **k: downloads.append(a))
+  monkeypatch.setattr(
+    tfds.download.DownloadManager, "download", lambda *a, **k: downloads.append(a)
+  )
+  monkeypatch.setattr(
+    tfds.download.DownloadManager, "download_and_extract", lambda *a, **k: downloads.append(a)
+  )
   with pytest.raises(data.DatasetError, match="not prepared in .* could not be downloaded"):
     data.load_images(_config(dataset="cifar10", tfds_data_dir=str(tmp_path)), split="train")
   with pytest.raises(data.DatasetError, match="manual download"):
-    data.load_images(_config(dataset="celeb_a_hq", image_size=256, tfds_data_dir=str(tmp_path)), split="train")
+    data.load_images(
+      _config(dataset="celeb_a_hq", image_size=256, tfds_data_dir=str(tmp_path)), split="train"
+    )
   with pytest.raises(data.DatasetError, match="church_outdoor"):
     data.load_images(_config(dataset="lsun/church", tfds_data_dir=str(tmp_path)), split="train")
   assert not downloads
@@ -279,6 +325,7 @@ def test_tfds_not_prepared_offline_fails_fast(no_network, tmp_path, monkeypatch)
 
 def test_model_input_round_trip_is_exact():
   import jax.numpy as jnp
+
   values = np.arange(256, dtype=np.uint8).reshape(16, 16)
   x = images_lib.to_model_input(values)
   assert x.dtype == np.float32 and x.min() == -1.0 and x.max() == 1.0
@@ -286,8 +333,9 @@ def test_model_input_round_trip_is_exact():
   xj = images_lib.to_model_input(jnp.asarray(values))
   assert xj.dtype == jnp.float32
   np.testing.assert_array_equal(np.asarray(images_lib.to_uint8(xj)), values)
-  np.testing.assert_array_equal(images_lib.to_uint8(np.array([-3.0, 3.0, 0.0], np.float32)), [0, 255, 128])
-
+  np.testing.assert_array_equal(
+    images_lib.to_uint8(np.array([-3.0, 3.0, 0.0], np.float32)), [0, 255, 128]
+  )
 
 
 def test_tfds_prepares_a_dataset_with_its_own_machinery(no_network, tmp_path, monkeypatch):

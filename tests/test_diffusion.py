@@ -15,7 +15,9 @@ SHAPE = (4, 8, 8, 3)
 
 def make(T=T, **kw):
   """The paper's linear schedule stretched to T steps (beta_end scaled by 1000 / T, at most 0.5)."""
-  betas = dm.get_beta_schedule("linear", beta_start=1e-4, beta_end=min(20 / T, 0.5), num_timesteps=T)
+  betas = dm.get_beta_schedule(
+    "linear", beta_start=1e-4, beta_end=min(20 / T, 0.5), num_timesteps=T
+  )
   return dm.make_diffusion(betas, **kw)
 
 
@@ -28,7 +30,9 @@ def rand(seed, shape=SHAPE):
 
 def test_schedules_equal_their_formulas():
   kw = dict(beta_start=1e-4, beta_end=0.02, num_timesteps=1000)
-  np.testing.assert_allclose(dm.get_beta_schedule("linear", **kw), np.linspace(1e-4, 0.02, 1000), rtol=1e-15)
+  np.testing.assert_allclose(
+    dm.get_beta_schedule("linear", **kw), np.linspace(1e-4, 0.02, 1000), rtol=1e-15
+  )
   quad = dm.get_beta_schedule("quad", **kw)
   np.testing.assert_allclose(np.sqrt(quad), np.linspace(0.01, math.sqrt(0.02), 1000), rtol=1e-14)
   assert (dm.get_beta_schedule("const", **kw) == 0.02).all()
@@ -86,7 +90,9 @@ def test_posterior_equals_product_of_gaussians():
   prec1, mean1 = (1 - b) / b, np.asarray(xt) / np.sqrt(1 - b)
   prec2, mean2 = 1 / (1 - abar_prev), np.sqrt(abar_prev) * np.asarray(x0)
   np.testing.assert_allclose(var, np.broadcast_to(1 / (prec1 + prec2), var.shape), rtol=1e-4)
-  np.testing.assert_allclose(mean, (prec1 * mean1 + prec2 * mean2) / (prec1 + prec2), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(
+    mean, (prec1 * mean1 + prec2 * mean2) / (prec1 + prec2), rtol=1e-4, atol=1e-5
+  )
   np.testing.assert_allclose(logvar, jnp.log(var), rtol=1e-5)
 
 
@@ -124,14 +130,25 @@ def test_variance_types():
   small = dm.p_mean_variance(make(var_type="fixedsmall"), x, x, t, clip_denoised=False)
   d = make()
   pv = np.asarray(d.posterior_variance)
-  np.testing.assert_allclose(large.variance[:, 0, 0, 0], [pv[1], d.betas[1], d.betas[10], d.betas[T - 1]], rtol=1e-5)
-  np.testing.assert_allclose(small.log_variance[:, 0, 0, 0], np.log([pv[1], pv[1], pv[10], pv[T - 1]]), rtol=1e-5)
+  np.testing.assert_allclose(
+    large.variance[:, 0, 0, 0], [pv[1], d.betas[1], d.betas[10], d.betas[T - 1]], rtol=1e-5
+  )
+  np.testing.assert_allclose(
+    small.log_variance[:, 0, 0, 0], np.log([pv[1], pv[1], pv[10], pv[T - 1]]), rtol=1e-5
+  )
   v = jnp.concatenate([x, jnp.full_like(x, 0.3)], axis=-1)
-  learned = dm.p_mean_variance(make(var_type="learned", loss_type="kl"), v, x, t, clip_denoised=False)
+  learned = dm.p_mean_variance(
+    make(var_type="learned", loss_type="kl"), v, x, t, clip_denoised=False
+  )
   np.testing.assert_allclose(learned.log_variance, 0.3, rtol=1e-6)
-  for value, expect in ((-1.0, small.log_variance), (1.0, jnp.log(make().betas)[t][:, None, None, None])):
+  for value, expect in (
+    (-1.0, small.log_variance),
+    (1.0, jnp.log(make().betas)[t][:, None, None, None]),
+  ):
     v = jnp.concatenate([x, jnp.full_like(x, value)], axis=-1)
-    lr = dm.p_mean_variance(make(var_type="learned_range", loss_type="hybrid"), v, x, t, clip_denoised=False)
+    lr = dm.p_mean_variance(
+      make(var_type="learned_range", loss_type="hybrid"), v, x, t, clip_denoised=False
+    )
     np.testing.assert_allclose(lr.log_variance, jnp.broadcast_to(expect, x.shape), rtol=1e-5)
 
 
@@ -144,10 +161,14 @@ def test_fixedsmall_reports_the_official_variance_beside_the_clipped_log_varianc
   official = betas * (1 - abar_prev) / (1 - abar)  # float64, from the formula
   x = rand(0)
   t = jnp.array([0, 1, 10, T - 1])
-  small = dm.p_mean_variance(dm.make_diffusion(betas, var_type="fixedsmall"), x, x, t, clip_denoised=False)
+  small = dm.p_mean_variance(
+    dm.make_diffusion(betas, var_type="fixedsmall"), x, x, t, clip_denoised=False
+  )
   assert official[0] == 0.0 and float(jnp.abs(small.variance[0]).max()) == 0.0
   np.testing.assert_allclose(small.variance[:, 0, 0, 0], official[t], rtol=1e-5)
-  np.testing.assert_allclose(small.log_variance[:, 0, 0, 0], np.log(official[[1, 1, 10, T - 1]]), rtol=1e-5)
+  np.testing.assert_allclose(
+    small.log_variance[:, 0, 0, 0], np.log(official[[1, 1, 10, T - 1]]), rtol=1e-5
+  )
   assert small.variance.shape == small.log_variance.shape == x.shape
 
 
@@ -174,11 +195,14 @@ def test_p_sample_adds_no_noise_at_t0_and_fresh_noise_otherwise():
 # ----------------------------------------------------------------------------- likelihood terms
 
 
-@pytest.mark.parametrize("mean,log_scale", [(0.0, -3.0), (0.5, -5.0), (-0.98, -2.0), (1.0, -6.0), (0.2, 0.5)])
+@pytest.mark.parametrize(
+  "mean,log_scale", [(0.0, -3.0), (0.5, -5.0), (-0.98, -2.0), (1.0, -6.0), (0.2, 0.5)]
+)
 def test_decoder_likelihood_sums_to_one_over_the_256_bins(mean, log_scale):
   x = jnp.linspace(-1.0, 1.0, 256)
   logp = dm.discretized_gaussian_log_likelihood(
-      x, means=jnp.full_like(x, mean), log_scales=jnp.full_like(x, log_scale))
+    x, means=jnp.full_like(x, mean), log_scales=jnp.full_like(x, log_scale)
+  )
   assert float(jnp.exp(logp).sum()) == pytest.approx(1.0, abs=1e-4)
 
 
@@ -222,8 +246,13 @@ def test_hybrid_loss_stops_the_mean_gradient_in_the_bound_part():
 
   def grad_mean(d, split):
     def loss(m):
-      f = (lambda xt, tt: jnp.concatenate([m, jnp.zeros_like(m)], -1)) if split else (lambda xt, tt: m)
+      f = (
+        (lambda xt, tt: jnp.concatenate([m, jnp.zeros_like(m)], -1))
+        if split
+        else (lambda xt, tt: m)
+      )
       return dm.training_losses(d, f, x_start=x0, t=t, noise=noise).sum()
+
     return jax.grad(loss)(0.5 * noise)
 
   np.testing.assert_allclose(grad_mean(dh, True), grad_mean(dmse, False), rtol=1e-6)
@@ -247,7 +276,9 @@ def test_calc_bpd_loop_is_the_sum_of_its_parts_and_one_compiled_loop():
     xt = dm.q_sample(d, x0, t, noise)
     vb, pred = dm.vb_terms_bpd(d, model_fn(xt, t), x_start=x0, x_t=xt, t=t, clip_denoised=True)
     np.testing.assert_allclose(res.terms_bpd[:, t_s], vb, rtol=1e-5)
-    np.testing.assert_allclose(res.mse[:, t_s], jnp.mean((pred - x0) ** 2, axis=(1, 2, 3)), rtol=1e-5)
+    np.testing.assert_allclose(
+      res.mse[:, t_s], jnp.mean((pred - x0) ** 2, axis=(1, 2, 3)), rtol=1e-5
+    )
   # One loop: the jaxpr holds a single scan and no unrolled per-t model calls.
   jaxpr = jax.make_jaxpr(lambda x: dm.calc_bpd_loop(d, model_fn, x_start=x, key=key))(x0)
   assert str(jaxpr).count("scan[") == 1
@@ -263,32 +294,40 @@ def test_bpd_at_t0_is_the_decoder_nll():
   out = dm.p_mean_variance(d, eps, xt, t, clip_denoised=True)
   # fixedlarge at t = 0 uses posterior_variance[1], not beta_0.
   np.testing.assert_allclose(out.log_variance, jnp.log(d.posterior_variance[1]), rtol=1e-6)
-  nll = -dm.discretized_gaussian_log_likelihood(x0, means=out.mean, log_scales=0.5 * out.log_variance)
+  nll = -dm.discretized_gaussian_log_likelihood(
+    x0, means=out.mean, log_scales=0.5 * out.log_variance
+  )
   np.testing.assert_allclose(vb, nll.mean(axis=(1, 2, 3)) / math.log(2), rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("kwargs,match", [
+@pytest.mark.parametrize(
+  "kwargs,match",
+  [
     (dict(name="cosin"), "cosin"),
     (dict(num_timesteps=0), "num_timesteps"),
     (dict(beta_end=1.5, name="const"), "1.5"),
     (dict(beta_start=-0.1), "-0.1"),
-])
+  ],
+)
 def test_bad_schedules_raise_clear_errors(kwargs, match):
   args = dict(name="linear", beta_start=1e-4, beta_end=0.02, num_timesteps=100) | kwargs
   with pytest.raises(ValueError, match=match):
     dm.get_beta_schedule(args.pop("name"), **args)
 
 
-@pytest.mark.parametrize("kwargs,match", [
+@pytest.mark.parametrize(
+  "kwargs,match",
+  [
     (dict(mean_type="noise"), "noise"),
     (dict(var_type="fixed"), "fixed"),
     (dict(loss_type="l1"), "l1"),
     (dict(var_type="learned"), "mse"),
     (dict(loss_type="hybrid"), "hybrid"),
-])
+  ],
+)
 def test_bad_types_raise_clear_errors(kwargs, match):
   with pytest.raises(ValueError, match=match):
     make(**kwargs)
@@ -309,9 +348,15 @@ diffusers = pytest.importorskip("diffusers")
 
 
 def _scheduler(*, variance_type, clip, prediction_type):
-  sched = diffusers.DDPMScheduler(num_train_timesteps=T, beta_start=1e-4, beta_end=20 / T,
-                                  beta_schedule="linear", variance_type=variance_type, clip_sample=clip,
-                                  prediction_type=prediction_type)
+  sched = diffusers.DDPMScheduler(
+    num_train_timesteps=T,
+    beta_start=1e-4,
+    beta_end=20 / T,
+    beta_schedule="linear",
+    variance_type=variance_type,
+    clip_sample=clip,
+    prediction_type=prediction_type,
+  )
   sched.set_timesteps(T)
   return sched
 
@@ -321,8 +366,9 @@ def test_add_noise_equals_q_sample():
   sched = _scheduler(variance_type="fixed_small", clip=False, prediction_type="epsilon")
   x0, noise = rand(0), rand(1)
   t = jnp.array([0, 9, 31, T - 1])
-  ref = sched.add_noise(torch.from_numpy(np.array(x0)), torch.from_numpy(np.array(noise)),
-                        torch.from_numpy(np.array(t)))
+  ref = sched.add_noise(
+    torch.from_numpy(np.array(x0)), torch.from_numpy(np.array(noise)), torch.from_numpy(np.array(t))
+  )
   np.testing.assert_allclose(dm.q_sample(d, x0, t, noise), ref.numpy(), atol=1e-5)
 
 
@@ -331,14 +377,18 @@ def test_add_noise_equals_q_sample():
 @pytest.mark.parametrize("mean_type", ["eps", "xstart"])
 def test_one_step_equals_diffusers(var_type, clip, mean_type):
   d = make(var_type=var_type, mean_type=mean_type)
-  sched = _scheduler(variance_type={"fixedlarge": "fixed_large", "fixedsmall": "fixed_small"}[var_type],
-                     clip=clip, prediction_type={"eps": "epsilon", "xstart": "sample"}[mean_type])
+  sched = _scheduler(
+    variance_type={"fixedlarge": "fixed_large", "fixedsmall": "fixed_small"}[var_type],
+    clip=clip,
+    prediction_type={"eps": "epsilon", "xstart": "sample"}[mean_type],
+  )
   for step, t_s in enumerate((T - 1, 25, 1, 0)):
     x = rand(10 + step) * (1.0 if t_s > T // 2 else 0.5)
     out = rand(20 + step) * (1.0 if mean_type == "eps" else 1.3)
     gen = torch.Generator().manual_seed(step)
-    ref = sched.step(torch.from_numpy(np.array(out)), t_s, torch.from_numpy(np.array(x)),
-                     generator=gen).prev_sample.numpy()
+    ref = sched.step(
+      torch.from_numpy(np.array(out)), t_s, torch.from_numpy(np.array(x)), generator=gen
+    ).prev_sample.numpy()
     noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(step)).numpy()
     t = jnp.full((SHAPE[0],), t_s)
     got, _ = dm.p_sample(d, out, x, t, noise=jnp.asarray(noise), clip_denoised=clip)

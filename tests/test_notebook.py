@@ -13,23 +13,40 @@ NOTEBOOK = os.path.join(REPO, "notebooks", "ddpm_jax_colab.ipynb")
 
 def with_parameters(nb, **values):
   """Papermill's convention: a cell tagged `injected-parameters` right after the one tagged `parameters`."""
-  index = next(i for i, cell in enumerate(nb.cells) if "parameters" in cell.metadata.get("tags", []))
+  index = next(
+    i for i, cell in enumerate(nb.cells) if "parameters" in cell.metadata.get("tags", [])
+  )
   source = "\n".join(f"{name} = {value!r}" for name, value in values.items())
-  nb.cells.insert(index + 1, nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]}))
+  nb.cells.insert(
+    index + 1, nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]})
+  )
   return nb
 
 
 def test_notebook_runs_every_cell(tmp_path):
-  nb = with_parameters(nbformat.read(NOTEBOOK, as_version=4), NUM_STEPS=4, NUM_SAMPLES=8, BPD_IMAGES=4,
-                       WORKDIR=str(tmp_path / "run"), QUICK_CHECK=True)
+  nb = with_parameters(
+    nbformat.read(NOTEBOOK, as_version=4),
+    NUM_STEPS=4,
+    NUM_SAMPLES=8,
+    BPD_IMAGES=4,
+    WORKDIR=str(tmp_path / "run"),
+    QUICK_CHECK=True,
+  )
   start = time.time()
   # Any cell error raises CellExecutionError (with the cell and its traceback) and fails the test.
-  NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": REPO}}).execute()
+  NotebookClient(
+    nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": REPO}}
+  ).execute()
   print(f"notebook wall time {time.time() - start:.0f} s")
   outputs = "".join(out.get("text", "") for cell in nb.cells for out in cell.get("outputs", []))
   assert "trained to step 4" in outputs
   assert "same as the dump: True" in outputs
   assert "bits/dim" in outputs
-  pictures = [out for cell in nb.cells for out in cell.get("outputs", []) if "image/png" in out.get("data", {})]
+  pictures = [
+    out
+    for cell in nb.cells
+    for out in cell.get("outputs", [])
+    if "image/png" in out.get("data", {})
+  ]
   assert len(pictures) == 4  # the grid, two chain pictures, the strip from the lower-level API
   assert os.path.exists(tmp_path / "run" / "checkpoints" / "4")

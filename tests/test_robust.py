@@ -25,11 +25,15 @@ CONFIG = tiny_config(training__num_steps=6, training__num_grid_samples=0)
 FLAGS = config_flags(CONFIG, "data", "model", "diffusion", "training", "sampling")
 # Lines a clean run may print: our own log lines (train.py, checkpoint.py, evaluate.py), a progress bar,
 # and the one-sentence message of a failure.
-OUR_LINE = re.compile(r"^([IW]\d{4} [\d:.]+ +\d+ (main|train|checkpoint|evaluate)\.py:\d+\] |ddpm_jax: |sampling: )")
+OUR_LINE = re.compile(
+  r"^([IW]\d{4} [\d:.]+ +\d+ (main|train|checkpoint|evaluate)\.py:\d+\] |ddpm_jax: |sampling: )"
+)
 
 
 def cli(workdir, *extra, mode="train", **kwargs):
-  return run_cli("--config=configs/digits.py", f"--workdir={workdir}", f"--mode={mode}", *FLAGS, *extra, **kwargs)
+  return run_cli(
+    "--config=configs/digits.py", f"--workdir={workdir}", f"--mode={mode}", *FLAGS, *extra, **kwargs
+  )
 
 
 def assert_clean(stderr: str):
@@ -49,8 +53,9 @@ def params_of(workdir, step):
   """The params and EMA params of a checkpoint, as NumPy leaves."""
   built = state_lib.build(CONFIG)
   manager = checkpoint.make_manager(str(workdir), keep=10, read_only=True)
-  abstract = state_lib.abstract_state(built.model, built.tx, shape=state_lib.image_shape(CONFIG),
-                                      mesh=parallel.make_mesh())
+  abstract = state_lib.abstract_state(
+    built.model, built.tx, shape=state_lib.image_shape(CONFIG), mesh=parallel.make_mesh()
+  )
   state = checkpoint.restore(manager, abstract_state=abstract, step=step)
   assert int(state.step) == step
   return [np.asarray(x) for x in jax.tree.leaves((state.params, state.ema_params, state.opt_state))]
@@ -80,12 +85,25 @@ def largest_array_file(workdir, step):
 # ----------------------------------------------------------------------------- config files and values
 
 
-@pytest.mark.parametrize("body,line,kind", [
-    ("from ddpm_jax.configs import digits\ndef get_config():\n  c = digits.get_config(\n  return c\n", 3, "SyntaxError"),
-    ("from ddpm_jax.configs import digits\ndef get_config():\n  c = digits.get_config()\n  c.training.batch_size = 1 / 0\n"
-     "  return c\n", 4, "ZeroDivisionError"),
-])
-def test_a_config_file_that_fails_to_import_is_one_sentence_with_file_and_line(tmp_path, body, line, kind):
+@pytest.mark.parametrize(
+  "body,line,kind",
+  [
+    (
+      "from ddpm_jax.configs import digits\ndef get_config():\n  c = digits.get_config(\n  return c\n",
+      3,
+      "SyntaxError",
+    ),
+    (
+      "from ddpm_jax.configs import digits\ndef get_config():\n  c = digits.get_config()\n  c.training.batch_size = 1 / 0\n"
+      "  return c\n",
+      4,
+      "ZeroDivisionError",
+    ),
+  ],
+)
+def test_a_config_file_that_fails_to_import_is_one_sentence_with_file_and_line(
+  tmp_path, body, line, kind
+):
   path = tmp_path / "my_config.py"
   path.write_text(body)
   result = run_cli(f"--config={path}", f"--workdir={tmp_path / 'w'}")
@@ -95,11 +113,19 @@ def test_a_config_file_that_fails_to_import_is_one_sentence_with_file_and_line(t
   assert not os.path.exists(tmp_path / "w")
 
 
-@pytest.mark.parametrize("override,message", [
+@pytest.mark.parametrize(
+  "override,message",
+  [
     ("--config.training.batch_size=-8", "config.training.batch_size = -8 must be an integer >= 1."),
-    ("--config.training.learning_rate=-0.001", "config.training.learning_rate = -0.001 must be a finite number > 0."),
-])
-def test_out_of_range_values_are_refused_by_key_and_value_before_anything_starts(tmp_path, override, message):
+    (
+      "--config.training.learning_rate=-0.001",
+      "config.training.learning_rate = -0.001 must be a finite number > 0.",
+    ),
+  ],
+)
+def test_out_of_range_values_are_refused_by_key_and_value_before_anything_starts(
+  tmp_path, override, message
+):
   result = cli(tmp_path, override)
   assert result.returncode == 1
   # The whole output is the sentence: no TensorFlow/XLA start-up lines before it.
@@ -111,10 +137,14 @@ def test_verbose_shows_what_the_quiet_start_up_hides(tmp_path):
   result = cli(tmp_path, "--config.training.learning_rate=-0.001", "--verbose")
   assert result.returncode == 1
   assert last_sentence(result.stderr).endswith("must be a finite number > 0.")
-  assert len(result.stderr.strip().splitlines()) > 1  # TensorFlow's start-up lines, only when asked for
+  assert (
+    len(result.stderr.strip().splitlines()) > 1
+  )  # TensorFlow's start-up lines, only when asked for
 
 
-@pytest.mark.parametrize("key,value,words", [
+@pytest.mark.parametrize(
+  "key,value,words",
+  [
     ("training.batch_size", 0, ">= 1"),
     ("training.learning_rate", 0.0, "> 0"),
     ("training.learning_rate", float("inf"), "finite"),
@@ -133,7 +163,8 @@ def test_verbose_shows_what_the_quiet_start_up_hides(tmp_path):
     ("data.num_channels", 2, "1, 3"),
     ("distributed.initialize", "yes", "'auto'"),
     ("model.dropout", 1.0, "[0, 1)"),
-])
+  ],
+)
 def test_every_section_is_checked_and_the_message_names_key_and_value(key, value, words):
   config = tiny_config()
   config.training.steps_per_dispatch = 2
@@ -143,7 +174,11 @@ def test_every_section_is_checked_and_the_message_names_key_and_value(key, value
   config[section][name] = value
   with pytest.raises(ConfigError) as error:
     validation.validate(config, mode="train")
-  assert name in str(error.value) and repr(value).strip("'") in str(error.value) and words in str(error.value)
+  assert (
+    name in str(error.value)
+    and repr(value).strip("'") in str(error.value)
+    and words in str(error.value)
+  )
 
 
 def test_sample_counts_are_checked_where_they_are_used():
@@ -153,8 +188,9 @@ def test_sample_counts_are_checked_where_they_are_used():
     validation.validate(config, mode="sample")
 
 
-
-@pytest.mark.parametrize("mode,key,value", [
+@pytest.mark.parametrize(
+  "mode,key,value",
+  [
     ("train", "sampling.method", "plms"),
     ("train", "sampling.num_steps", 11),  # T = 10
     ("sample", "sampling.eta", -1.0),
@@ -165,7 +201,8 @@ def test_sample_counts_are_checked_where_they_are_used():
     ("train", "evaluation.watch_poll_secs", 0),
     ("fid", "evaluation.num_fid_samples", 1),
     ("interpolate", "interpolation.timesteps", (11,)),
-])
+  ],
+)
 def test_sampler_evaluation_and_interpolation_keys_are_checked_before_any_work(mode, key, value):
   config = tiny_config()
   config.interpolation.timesteps = (5, 10)
@@ -174,6 +211,7 @@ def test_sampler_evaluation_and_interpolation_keys_are_checked_before_any_work(m
   config[section][name] = value
   with pytest.raises(ConfigError, match=rf"config\.{section}\.{name}"):
     validation.validate(config, mode=mode)
+
 
 # ----------------------------------------------------------------------------- corrupted checkpoints
 
@@ -193,26 +231,33 @@ def zero_middle(path):
   with open(path, "r+b") as f:
     content = f.read()
     offset = len(content) // 2
-    while not any(content[offset:offset + 4096]):
+    while not any(content[offset : offset + 4096]):
       offset += 4096
     f.seek(offset)
     f.write(bytes(4096))
 
 
-@pytest.mark.parametrize("corrupt,reason", [
+@pytest.mark.parametrize(
+  "corrupt,reason",
+  [
     (truncate, "bytes instead of"),
     (zero_header, "changed after it was written (SHA-256 mismatch)"),
     (zero_middle, "changed after it was written (SHA-256 mismatch)"),
     (os.remove, "is missing"),
-])
-def test_training_skips_a_corrupt_newest_checkpoint_and_resumes_bitwise(trained, tmp_path, corrupt, reason):
+  ],
+)
+def test_training_skips_a_corrupt_newest_checkpoint_and_resumes_bitwise(
+  trained, tmp_path, corrupt, reason
+):
   workdir = copy_of(trained, tmp_path)
   corrupt(largest_array_file(workdir, 6))
   result = cli(workdir)
   assert result.returncode == 0, result.stderr[-3000:]
   assert_clean(result.stderr)
-  assert re.search(rf"Skipping a checkpoint: The checkpoint of step 6 in \S+ is corrupt: \S+ .*{re.escape(reason)}",
-                   result.stderr), result.stderr[-3000:]
+  assert re.search(
+    rf"Skipping a checkpoint: The checkpoint of step 6 in \S+ is corrupt: \S+ .*{re.escape(reason)}",
+    result.stderr,
+  ), result.stderr[-3000:]
   assert "Resumed from the checkpoint of step 4" in result.stderr
   # Kept, not deleted: set aside, so that the resumed run could write step 6 again.
   set_aside = workdir / "corrupt_checkpoints" / "6"
@@ -229,14 +274,18 @@ def test_sampling_names_a_corrupt_checkpoint_it_was_asked_for_and_stops(trained,
   result = cli(workdir, "--config.sampling.checkpoint_step=6", mode="sample")
   assert result.returncode == 1
   assert_clean(result.stderr)
-  assert re.fullmatch(r"ddpm_jax: error: The checkpoint of step 6 in \S+ is corrupt: the contents of \S+ changed "
-                      r"after it was written \(SHA-256 mismatch\); choose another step \(2, 4\)\.",
-                      last_sentence(result.stderr)), result.stderr[-2000:]
+  assert re.fullmatch(
+    r"ddpm_jax: error: The checkpoint of step 6 in \S+ is corrupt: the contents of \S+ changed "
+    r"after it was written \(SHA-256 mismatch\); choose another step \(2, 4\)\.",
+    last_sentence(result.stderr),
+  ), result.stderr[-2000:]
   assert not os.path.exists(workdir / "samples")
   assert os.path.isdir(workdir / "checkpoints" / "6")  # a reader never moves or deletes anything
 
 
-def test_sampling_without_a_step_takes_the_newest_intact_checkpoint_and_says_so(trained, tmp_path, caplog):
+def test_sampling_without_a_step_takes_the_newest_intact_checkpoint_and_says_so(
+  trained, tmp_path, caplog
+):
   workdir = copy_of(trained, tmp_path)
   truncate(largest_array_file(workdir, 6))
   manager = checkpoint.make_manager(str(workdir), keep=1, read_only=True)
@@ -250,8 +299,9 @@ def test_a_checkpoint_without_digests_is_still_checked_by_reading_it(trained, tm
   os.remove(workdir / "checkpoints" / "6" / checkpoint.DIGEST_FILE)
   truncate(largest_array_file(workdir, 6))
   built = state_lib.build(CONFIG)
-  abstract = state_lib.abstract_state(built.model, built.tx, shape=state_lib.image_shape(CONFIG),
-                                      mesh=parallel.make_mesh())
+  abstract = state_lib.abstract_state(
+    built.model, built.tx, shape=state_lib.image_shape(CONFIG), mesh=parallel.make_mesh()
+  )
   manager = checkpoint.make_manager(str(workdir), keep=1, read_only=True)
   with pytest.raises(ConfigError, match=r"step 6 .* cannot be read \(ValueError: OUT_OF_RANGE"):
     checkpoint.restore(manager, abstract_state=abstract, step=6)
@@ -264,10 +314,15 @@ def test_a_checkpoint_without_digests_is_still_checked_by_reading_it(trained, tm
 def _mount_tmpfs(path, size):
   os.makedirs(path, exist_ok=True)
   try:
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True,
-                   capture_output=True)
+    subprocess.run(
+      ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+      check=True,
+      capture_output=True,
+    )
   except (OSError, subprocess.CalledProcessError) as e:
-    pytest.skip(f"cannot mount a tmpfs here to fill a disk ({getattr(e, 'stderr', b'').decode().strip() or e})")
+    pytest.skip(
+      f"cannot mount a tmpfs here to fill a disk ({getattr(e, 'stderr', b'').decode().strip() or e})"
+    )
 
 
 def test_a_full_disk_is_one_sentence_and_keeps_the_earlier_checkpoints(trained, tmp_path):
@@ -275,28 +330,48 @@ def test_a_full_disk_is_one_sentence_and_keeps_the_earlier_checkpoints(trained, 
   _mount_tmpfs(disk, "64m")
   try:
     workdir = disk / "run"
-    shutil.copytree(trained, workdir, ignore=lambda folder, names: ["6"] if folder.endswith("checkpoints") else [])
+    shutil.copytree(
+      trained, workdir, ignore=lambda folder, names: ["6"] if folder.endswith("checkpoints") else []
+    )
     used = shutil.disk_usage(disk).used
-    subprocess.run(["mount", "-o", f"remount,size={used + 4 * 2**20}", str(disk)], check=True)  # half a checkpoint
+    subprocess.run(
+      ["mount", "-o", f"remount,size={used + 4 * 2**20}", str(disk)], check=True
+    )  # half a checkpoint
     before = {s: checkpoint.find_damage(str(workdir / "checkpoints" / str(s))) for s in (2, 4)}
     result = cli(workdir)
     assert result.returncode == 1
     assert_clean(result.stderr)
-    assert re.fullmatch(rf"ddpm_jax: error: Could not (start )?write the checkpoint of step 6 in "
-                        rf"{re.escape(str(workdir / 'checkpoints'))}: No space left on device; the earlier "
-                        r"checkpoints \(steps 2, 4\) were not touched\.", last_sentence(result.stderr)), result.stderr[-2000:]
+    assert re.fullmatch(
+      rf"ddpm_jax: error: Could not (start )?write the checkpoint of step 6 in "
+      rf"{re.escape(str(workdir / 'checkpoints'))}: No space left on device; the earlier "
+      r"checkpoints \(steps 2, 4\) were not touched\.",
+      last_sentence(result.stderr),
+    ), result.stderr[-2000:]
     assert before == {2: None, 4: None}
-    assert {s: checkpoint.find_damage(str(workdir / "checkpoints" / str(s))) for s in (2, 4)} == before
+    assert {
+      s: checkpoint.find_damage(str(workdir / "checkpoints" / str(s))) for s in (2, 4)
+    } == before
   finally:
     subprocess.run(["umount", str(disk)], check=False)
 
 
 def _train_and_interfere(workdir, interfere, prefix=()):
   """Resumes the run to step 1000 (checkpoints every 6 steps), calls interfere() once step 7 is logged."""
-  args = ["--config=configs/digits.py", f"--workdir={workdir}", *FLAGS, "--config.training.num_steps=1000",
-          "--config.training.log_every=1", "--config.training.checkpoint_every=6"]
-  proc = subprocess.Popen([*prefix, sys.executable, "-m", "ddpm_jax.main", *args], cwd=REPO,
-                          stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+  args = [
+    "--config=configs/digits.py",
+    f"--workdir={workdir}",
+    *FLAGS,
+    "--config.training.num_steps=1000",
+    "--config.training.log_every=1",
+    "--config.training.checkpoint_every=6",
+  ]
+  proc = subprocess.Popen(
+    [*prefix, sys.executable, "-m", "ddpm_jax.main", *args],
+    cwd=REPO,
+    stderr=subprocess.PIPE,
+    stdout=subprocess.DEVNULL,
+    text=True,
+  )
   lines, deadline = [], time.time() + 300
   while time.time() < deadline:
     line = proc.stderr.readline()
@@ -308,21 +383,35 @@ def _train_and_interfere(workdir, interfere, prefix=()):
   return proc.returncode, "".join(lines) + rest
 
 
-def test_lost_permission_mid_run_is_one_sentence_and_keeps_the_earlier_checkpoints(trained, tmp_path):
+def test_lost_permission_mid_run_is_one_sentence_and_keeps_the_earlier_checkpoints(
+  trained, tmp_path
+):
   workdir = copy_of(trained, tmp_path)
   # root ignores permissions: run without the capabilities that let it, as an ordinary user would be.
-  drop = ["setpriv", "--inh-caps=-dac_override,-dac_read_search", "--bounding-set=-dac_override,-dac_read_search"]
-  if shutil.which("setpriv") is None or subprocess.run([*drop, "true"], capture_output=True).returncode:
+  drop = [
+    "setpriv",
+    "--inh-caps=-dac_override,-dac_read_search",
+    "--bounding-set=-dac_override,-dac_read_search",
+  ]
+  if (
+    shutil.which("setpriv") is None
+    or subprocess.run([*drop, "true"], capture_output=True).returncode
+  ):
     pytest.skip("setpriv cannot drop the capabilities that let root ignore permissions here")
-  readonly = lambda: subprocess.run(["chmod", "-R", "a-w", str(workdir / "checkpoints")], check=True)
+  readonly = lambda: subprocess.run(
+    ["chmod", "-R", "a-w", str(workdir / "checkpoints")], check=True
+  )
   try:
     returncode, stderr = _train_and_interfere(workdir, readonly, prefix=drop)
   finally:
     subprocess.run(["chmod", "-R", "u+w", str(workdir / "checkpoints")], check=True)
   assert returncode == 1, stderr[-3000:]
   assert_clean(stderr)
-  assert re.fullmatch(r"ddpm_jax: error: Could not .* checkpoint of step 12 in \S+: Permission denied; the earlier "
-                      r"checkpoints \(steps 2, 4, 6\) were not touched\.", last_sentence(stderr)), stderr[-2000:]
+  assert re.fullmatch(
+    r"ddpm_jax: error: Could not .* checkpoint of step 12 in \S+: Permission denied; the earlier "
+    r"checkpoints \(steps 2, 4, 6\) were not touched\.",
+    last_sentence(stderr),
+  ), stderr[-2000:]
   for step in (2, 4, 6):
     assert checkpoint.find_damage(str(workdir / "checkpoints" / str(step))) is None
 
@@ -334,8 +423,9 @@ def test_a_vanished_workdir_is_one_sentence_and_nothing_is_written_in_its_place(
   assert returncode == 1, stderr[-3000:]
   assert_clean(stderr)
   assert last_sentence(stderr) == (
-      f"ddpm_jax: error: Could not write the checkpoint of step 12: {workdir / 'checkpoints'} was removed or "
-      "replaced during the run; restore it (or start again with a new --workdir).")
+    f"ddpm_jax: error: Could not write the checkpoint of step 12: {workdir / 'checkpoints'} was removed or "
+    "replaced during the run; restore it (or start again with a new --workdir)."
+  )
   assert not os.path.exists(workdir / "checkpoints")
   assert sorted(os.listdir(moved / "checkpoints")) == ["2", "4", "6"]
 
@@ -347,12 +437,19 @@ def write_nan_checkpoint(workdir, *, from_step, step):
   """The state of `from_step` with NaN parameters, saved as `step` the way training saves (digests included),
   so that training diverges at step + 1 with the program it already compiled."""
   built = state_lib.build(CONFIG)
-  abstract = state_lib.abstract_state(built.model, built.tx, shape=state_lib.image_shape(CONFIG),
-                                      mesh=parallel.make_mesh())
-  iterator = data.train_iterator(CONFIG.data, global_batch_size=CONFIG.training.batch_size, seed=CONFIG.seed)
+  abstract = state_lib.abstract_state(
+    built.model, built.tx, shape=state_lib.image_shape(CONFIG), mesh=parallel.make_mesh()
+  )
+  iterator = data.train_iterator(
+    CONFIG.data, global_batch_size=CONFIG.training.batch_size, seed=CONFIG.seed
+  )
   manager = checkpoint.make_manager(str(workdir), keep=10)
-  state = checkpoint.restore(manager, abstract_state=abstract, data_iterator=iterator, step=from_step)
-  nan = state._replace(step=jnp.full_like(state.step, step), params=jax.tree.map(lambda p: p * jnp.nan, state.params))
+  state = checkpoint.restore(
+    manager, abstract_state=abstract, data_iterator=iterator, step=from_step
+  )
+  nan = state._replace(
+    step=jnp.full_like(state.step, step), params=jax.tree.map(lambda p: p * jnp.nan, state.params)
+  )
   checkpoint.save(manager, state=nan, data_iterator=iterator, config=CONFIG)
   manager.close()
 
@@ -364,6 +461,7 @@ def test_the_nan_stop_names_the_newest_checkpoint_on_disk(trained, tmp_path):
   assert result.returncode == 1
   assert_clean(result.stderr)
   assert last_sentence(result.stderr) == (
-      "ddpm_jax: training stopped: Non-finite loss (nan) or gradient norm (nan) at step 9; stopped without writing "
-      f"a checkpoint. The newest checkpoint on disk is step 8 ({workdir / 'checkpoints' / '8'}).")
+    "ddpm_jax: training stopped: Non-finite loss (nan) or gradient norm (nan) at step 9; stopped without writing "
+    f"a checkpoint. The newest checkpoint on disk is step 8 ({workdir / 'checkpoints' / '8'})."
+  )
   assert sorted(int(s) for s in os.listdir(workdir / "checkpoints")) == [2, 4, 6, 8]

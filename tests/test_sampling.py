@@ -24,7 +24,9 @@ from ddpm_jax.errors import ConfigError
 # ----------------------------------------------------------------------------- which steps are kept
 
 
-@pytest.mark.parametrize("T,section_counts,expected", [
+@pytest.mark.parametrize(
+  "T,section_counts,expected",
+  [
     # "ddimN": the smallest stride i with len(range(0, T, i)) == N. ceil(1000 / i) = 10 first at i = 100.
     (1000, "ddim10", list(range(0, 1000, 100))),
     # ceil(1000 / i) = 30 needs 33.3 <= i < 34.5: i = 34, so 0, 34, ..., 986 (29 * 34).
@@ -44,12 +46,15 @@ from ddpm_jax.errors import ConfigError
     # stride 999 / 4 = 249.75: 0, 249.75 -> 250, 499.5 -> 500 (even), 749.25 -> 749, 999.
     (1000, [5], [0, 250, 500, 749, 999]),
     (20, [20], list(range(20))),
-])
+  ],
+)
 def test_kept_steps_follow_improved_diffusions_space_timesteps(T, section_counts, expected):
   np.testing.assert_array_equal(respace.space_timesteps(T, section_counts), expected)
 
 
-@pytest.mark.parametrize("spacing,num_steps,expected", [
+@pytest.mark.parametrize(
+  "spacing,num_steps,expected",
+  [
     ("uniform", 10, [0, 2, 4, 6, 8, 11, 13, 15, 17, 19]),  # = section counts [10]
     ("uniform", -1, list(range(20))),
     ("ddim", 5, [0, 4, 8, 12, 16]),  # ceil(20 / 4) = 5
@@ -57,10 +62,12 @@ def test_kept_steps_follow_improved_diffusions_space_timesteps(T, section_counts
     ("leading", 3, [0, 6, 12]),  # diffusers: arange(3) * (20 // 3)
     ("3,4", -1, [0, 4, 9, 10, 13, 16, 19]),
     ("3,4", 7, [0, 4, 9, 10, 13, 16, 19]),
-])
+  ],
+)
 def test_config_spacing_names(spacing, num_steps, expected):
-  np.testing.assert_array_equal(respace.kept_timesteps(spacing=spacing, num_steps=num_steps, num_timesteps=20),
-                                expected)
+  np.testing.assert_array_equal(
+    respace.kept_timesteps(spacing=spacing, num_steps=num_steps, num_timesteps=20), expected
+  )
 
 
 def test_respaced_betas_keep_the_kept_alphas_cumprod():
@@ -68,13 +75,22 @@ def test_respaced_betas_keep_the_kept_alphas_cumprod():
   betas = dm.get_beta_schedule("linear", beta_start=1e-4, beta_end=0.02, num_timesteps=1000)
   d = dm.make_diffusion(betas)
   abar64 = np.cumprod(1.0 - betas)
-  for kept in (respace.space_timesteps(1000, "ddim50"), respace.space_timesteps(1000, [7, 0, 3]),
-               np.array([0, 1, 2, 500, 998, 999]), np.array([999]), np.array([3])):
-    np.testing.assert_allclose(np.cumprod(1.0 - respace.respaced_betas(abar64, kept)), abar64[kept], rtol=1e-10)
+  for kept in (
+    respace.space_timesteps(1000, "ddim50"),
+    respace.space_timesteps(1000, [7, 0, 3]),
+    np.array([0, 1, 2, 500, 998, 999]),
+    np.array([999]),
+    np.array([3]),
+  ):
+    np.testing.assert_allclose(
+      np.cumprod(1.0 - respace.respaced_betas(abar64, kept)), abar64[kept], rtol=1e-10
+    )
     spaced = respace.respace(d, kept)
     assert spaced.num_timesteps == len(kept)
     np.testing.assert_allclose(spaced.alphas_cumprod, np.asarray(d.alphas_cumprod)[kept], rtol=2e-6)
-    np.testing.assert_allclose(spaced.alphas_cumprod_prev[1:], np.asarray(d.alphas_cumprod)[kept[:-1]], rtol=2e-6)
+    np.testing.assert_allclose(
+      spaced.alphas_cumprod_prev[1:], np.asarray(d.alphas_cumprod)[kept[:-1]], rtol=2e-6
+    )
     assert spaced.alphas_cumprod_prev[0] == 1.0
   # Every step kept: the schedule itself.
   assert respace.respace(d, np.arange(1000)) is d
@@ -101,8 +117,12 @@ SHAPE = (4, 4, 1)
 
 def _stand_in_noise(key, ids, t):
   """The noise the sampler draws for sample `ids` at original timestep t (or x_T at t = T), as documented."""
-  return np.stack([np.asarray(jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, int(i)), t), SHAPE))
-                   for i in ids])
+  return np.stack(
+    [
+      np.asarray(jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, int(i)), t), SHAPE))
+      for i in ids
+    ]
+  )
 
 
 def _algorithm2_before_respacing(model, d, mesh, params, key, ids, *, shape):
@@ -111,7 +131,9 @@ def _algorithm2_before_respacing(model, d, mesh, params, key, ids, *, shape):
 
   def per_device(params, key, ids):
     sample_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, ids)
-    draw = lambda t: jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, t), shape))(sample_keys)
+    draw = lambda t: jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, t), shape))(
+      sample_keys
+    )
 
     def body(i, x):
       t_scalar = T - 1 - i
@@ -121,9 +143,12 @@ def _algorithm2_before_respacing(model, d, mesh, params, key, ids, *, shape):
 
     return jax.lax.fori_loop(0, T, body, draw(T))
 
-  fn = parallel.data_parallel(per_device, mesh, in_specs=(jax.sharding.PartitionSpec(),) * 2
-                              + (jax.sharding.PartitionSpec(parallel.AXIS),),
-                              out_specs=jax.sharding.PartitionSpec(parallel.AXIS))
+  fn = parallel.data_parallel(
+    per_device,
+    mesh,
+    in_specs=(jax.sharding.PartitionSpec(),) * 2 + (jax.sharding.PartitionSpec(parallel.AXIS),),
+    out_specs=jax.sharding.PartitionSpec(parallel.AXIS),
+  )
   return np.asarray(fn(params, key, ids))
 
 
@@ -133,10 +158,14 @@ def test_all_steps_kept_is_algorithm_2_bit_for_bit():
   mesh = parallel.make_mesh()
   params = state_lib.init_state(model, tx, seed=0, shape=state_lib.image_shape(config)).ema_params
   ids, key = sampling.sample_ids(0, 4, mesh), jax.random.key(5)
-  reference = _algorithm2_before_respacing(model, d, mesh, params, key, ids, shape=state_lib.image_shape(config))
+  reference = _algorithm2_before_respacing(
+    model, d, mesh, params, key, ids, shape=state_lib.image_shape(config)
+  )
   options = sampling.sampler_options(config.sampling, d.num_timesteps)  # defaults: ancestral, all T
   for extra in (options, {}):
-    fn = sampling.make_sampler(model, d, mesh, image_shape=state_lib.image_shape(config), as_uint8=False, **extra)
+    fn = sampling.make_sampler(
+      model, d, mesh, image_shape=state_lib.image_shape(config), as_uint8=False, **extra
+    )
     np.testing.assert_array_equal(np.asarray(fn(params, key, ids)), reference)
 
 
@@ -162,10 +191,20 @@ def test_respaced_sampler_sees_original_timesteps_and_their_noise(method, eta):
   mesh = parallel.make_mesh()
   params, key, ids = {"w": jnp.float32(1.3)}, jax.random.key(2), np.arange(3, 7)
   kept = respace.space_timesteps(50, [3, 4])
-  fn = sampling.make_sampler(StandInModel(), d, mesh, image_shape=SHAPE, method=method, timesteps=kept, eta=eta,
-                             as_uint8=False)
+  fn = sampling.make_sampler(
+    StandInModel(),
+    d,
+    mesh,
+    image_shape=SHAPE,
+    method=method,
+    timesteps=kept,
+    eta=eta,
+    as_uint8=False,
+  )
   got = np.asarray(fn(params, key, sampling.sample_ids(3, 4, mesh)))
-  np.testing.assert_allclose(got, _respaced_by_hand(d, kept, params, key, ids, method=method, eta=eta), atol=2e-5)
+  np.testing.assert_allclose(
+    got, _respaced_by_hand(d, kept, params, key, ids, method=method, eta=eta), atol=2e-5
+  )
 
 
 # ----------------------------------------------------------------------------- DDIM against diffusers
@@ -175,8 +214,13 @@ _ddim_step = jax.jit(dm.ddim_sample, static_argnames=("eta", "clip_denoised"))
 
 def _diffusers_ddim(d, num_steps, **kwargs):
   from diffusers import DDIMScheduler  # pylint: disable=g-import-not-at-top
-  scheduler = DDIMScheduler(num_train_timesteps=d.num_timesteps, trained_betas=np.asarray(d.betas),
-                            set_alpha_to_one=True, **kwargs)
+
+  scheduler = DDIMScheduler(
+    num_train_timesteps=d.num_timesteps,
+    trained_betas=np.asarray(d.betas),
+    set_alpha_to_one=True,
+    **kwargs,
+  )
   scheduler.set_timesteps(num_steps)
   # The same float32 alphas_cumprod as ours (diffusers' own is a float32 cumprod, ~1e-5 off after 1000 steps).
   scheduler.alphas_cumprod = torch.tensor(np.asarray(d.alphas_cumprod))
@@ -188,8 +232,11 @@ def _diffusers_ddim(d, num_steps, **kwargs):
 @pytest.mark.parametrize("clip", [True, False])
 def test_ddim_step_matches_diffusers(num_steps, steps_offset, eta, clip):
   """Each step of a DDIM chain on diffusers' "leading" timesteps, same model output and noise."""
-  d = dm.from_config(tiny_config(diffusion__num_timesteps=1000, diffusion__beta_start=1e-4,
-                                 diffusion__beta_end=0.02).diffusion)
+  d = dm.from_config(
+    tiny_config(
+      diffusion__num_timesteps=1000, diffusion__beta_start=1e-4, diffusion__beta_end=0.02
+    ).diffusion
+  )
   scheduler = _diffusers_ddim(d, num_steps, clip_sample=clip, steps_offset=steps_offset)
   kept = respace.leading_timesteps(1000, num_steps) + steps_offset
   np.testing.assert_array_equal(scheduler.timesteps.numpy(), kept[::-1])
@@ -199,17 +246,34 @@ def test_ddim_step_matches_diffusers(num_steps, steps_offset, eta, clip):
   for k in reversed(range(num_steps)):
     eps = (0.9 * rng.standard_normal(x.shape) + 0.3 * x).astype(np.float32)
     z = rng.standard_normal(x.shape).astype(np.float32)
-    ours, _ = _ddim_step(spaced, jnp.asarray(eps), jnp.asarray(x), jnp.full((2,), k), eta=eta,
-                             noise=jnp.asarray(z), clip_denoised=clip)
-    theirs = scheduler.step(torch.from_numpy(eps), int(kept[k]), torch.from_numpy(x), eta=eta,
-                            use_clipped_model_output=True, variance_noise=torch.from_numpy(z)).prev_sample.numpy()
-    np.testing.assert_allclose(np.asarray(ours), theirs, rtol=1e-5, atol=1e-5, err_msg=f"step {k} t {kept[k]}")
+    ours, _ = _ddim_step(
+      spaced,
+      jnp.asarray(eps),
+      jnp.asarray(x),
+      jnp.full((2,), k),
+      eta=eta,
+      noise=jnp.asarray(z),
+      clip_denoised=clip,
+    )
+    theirs = scheduler.step(
+      torch.from_numpy(eps),
+      int(kept[k]),
+      torch.from_numpy(x),
+      eta=eta,
+      use_clipped_model_output=True,
+      variance_noise=torch.from_numpy(z),
+    ).prev_sample.numpy()
+    np.testing.assert_allclose(
+      np.asarray(ours), theirs, rtol=1e-5, atol=1e-5, err_msg=f"step {k} t {kept[k]}"
+    )
     x = theirs
 
 
 def test_ddim_x0_prediction_matches_diffusers_sample_prediction():
-  d = dm.make_diffusion(dm.get_beta_schedule("linear", beta_start=1e-4, beta_end=0.02, num_timesteps=1000),
-                        mean_type="xstart")
+  d = dm.make_diffusion(
+    dm.get_beta_schedule("linear", beta_start=1e-4, beta_end=0.02, num_timesteps=1000),
+    mean_type="xstart",
+  )
   scheduler = _diffusers_ddim(d, 20, clip_sample=True, prediction_type="sample")
   kept = respace.leading_timesteps(1000, 20)
   spaced = respace.respace(d, kept)
@@ -218,9 +282,17 @@ def test_ddim_x0_prediction_matches_diffusers_sample_prediction():
   for k in reversed(range(20)):
     x0 = (1.2 * rng.standard_normal(x.shape)).astype(np.float32)
     z = rng.standard_normal(x.shape).astype(np.float32)
-    ours, _ = _ddim_step(spaced, jnp.asarray(x0), jnp.asarray(x), jnp.full((2,), k), eta=0.5, noise=jnp.asarray(z))
-    theirs = scheduler.step(torch.from_numpy(x0), int(kept[k]), torch.from_numpy(x), eta=0.5,
-                            use_clipped_model_output=True, variance_noise=torch.from_numpy(z)).prev_sample.numpy()
+    ours, _ = _ddim_step(
+      spaced, jnp.asarray(x0), jnp.asarray(x), jnp.full((2,), k), eta=0.5, noise=jnp.asarray(z)
+    )
+    theirs = scheduler.step(
+      torch.from_numpy(x0),
+      int(kept[k]),
+      torch.from_numpy(x),
+      eta=0.5,
+      use_clipped_model_output=True,
+      variance_noise=torch.from_numpy(z),
+    ).prev_sample.numpy()
     np.testing.assert_allclose(np.asarray(ours), theirs, rtol=1e-5, atol=1e-5)
     x = theirs
 
@@ -228,19 +300,35 @@ def test_ddim_x0_prediction_matches_diffusers_sample_prediction():
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 def test_ddim_sampler_loop_matches_a_diffusers_loop(eta):
   """The whole compiled DDIM loop (stand-in network) against diffusers' loop fed the sampler's x_T and noise."""
-  d = dm.make_diffusion(dm.get_beta_schedule("linear", beta_start=1e-4, beta_end=0.02, num_timesteps=1000))
+  d = dm.make_diffusion(
+    dm.get_beta_schedule("linear", beta_start=1e-4, beta_end=0.02, num_timesteps=1000)
+  )
   mesh = parallel.make_mesh()
   params, key, ids = {"w": jnp.float32(0.7)}, jax.random.key(9), np.arange(4)
   kept = respace.kept_timesteps(spacing="leading", num_steps=25, num_timesteps=1000)
-  fn = sampling.make_sampler(StandInModel(), d, mesh, image_shape=SHAPE, method="ddim", timesteps=kept, eta=eta,
-                             as_uint8=False)
+  fn = sampling.make_sampler(
+    StandInModel(),
+    d,
+    mesh,
+    image_shape=SHAPE,
+    method="ddim",
+    timesteps=kept,
+    eta=eta,
+    as_uint8=False,
+  )
   got = np.asarray(fn(params, key, sampling.sample_ids(0, 4, mesh)))
   scheduler = _diffusers_ddim(d, 25)
   x = torch.from_numpy(_stand_in_noise(key, ids, 1000))
   for t in scheduler.timesteps:
     eps = StandInModel.torch(0.7, x, t.float())
-    x = scheduler.step(eps, int(t), x, eta=eta, use_clipped_model_output=True,
-                       variance_noise=torch.from_numpy(_stand_in_noise(key, ids, int(t)))).prev_sample
+    x = scheduler.step(
+      eps,
+      int(t),
+      x,
+      eta=eta,
+      use_clipped_model_output=True,
+      variance_noise=torch.from_numpy(_stand_in_noise(key, ids, int(t))),
+    ).prev_sample
   np.testing.assert_allclose(got, x.numpy(), atol=1e-4)
 
 
@@ -248,13 +336,25 @@ def test_ddim_with_eta_0_is_deterministic_given_x_T():
   d = dm.from_config(tiny_config().diffusion)
   mesh = parallel.make_mesh()
   params, ids = {"w": jnp.float32(1.1)}, sampling.sample_ids(0, 4, mesh)
-  make = lambda eta: sampling.make_sampler(StandInModel(), d, mesh, image_shape=SHAPE, method="ddim", eta=eta,
-                                           timesteps=[0, 3, 6, 9], as_uint8=False)
+  make = lambda eta: sampling.make_sampler(
+    StandInModel(),
+    d,
+    mesh,
+    image_shape=SHAPE,
+    method="ddim",
+    eta=eta,
+    timesteps=[0, 3, 6, 9],
+    as_uint8=False,
+  )
   deterministic, noisy = make(0.0), make(1.0)
   a = np.asarray(deterministic(params, jax.random.key(0), ids))
   np.testing.assert_array_equal(a, np.asarray(deterministic(params, jax.random.key(0), ids)))
-  assert not np.allclose(a, np.asarray(noisy(params, jax.random.key(0), ids)), atol=1e-3)  # eta = 1 adds noise
-  assert not np.allclose(a, np.asarray(deterministic(params, jax.random.key(1), ids)), atol=1e-3)  # other x_T
+  assert not np.allclose(
+    a, np.asarray(noisy(params, jax.random.key(0), ids)), atol=1e-3
+  )  # eta = 1 adds noise
+  assert not np.allclose(
+    a, np.asarray(deterministic(params, jax.random.key(1), ids)), atol=1e-3
+  )  # other x_T
 
 
 def test_respaced_progressive_records_end_at_the_sample():
@@ -263,12 +363,16 @@ def test_respaced_progressive_records_end_at_the_sample():
   kept = [0, 4, 9, 10, 13, 16, 19]
   # record_every = 5: a record after the step from t when (next kept step, t] holds a multiple of 5 -- from
   # 16 (15), 10 (10), 9 (5) -- and after the last step, from 0.
-  np.testing.assert_array_equal(kept_t := np.asarray(kept)[sampling.record_steps(kept, 5)], [16, 10, 9, 0])
-  np.testing.assert_array_equal(np.arange(20)[sampling.record_steps(np.arange(20), 5)],
-                                sampling.record_timesteps(20, 5))
+  np.testing.assert_array_equal(
+    kept_t := np.asarray(kept)[sampling.record_steps(kept, 5)], [16, 10, 9, 0]
+  )
+  np.testing.assert_array_equal(
+    np.arange(20)[sampling.record_steps(np.arange(20), 5)], sampling.record_timesteps(20, 5)
+  )
   for method in ("ancestral", "ddim"):
-    fn = sampling.make_sampler(StandInModel(), d, mesh, image_shape=SHAPE, method=method, timesteps=kept,
-                               record_every=5)
+    fn = sampling.make_sampler(
+      StandInModel(), d, mesh, image_shape=SHAPE, method=method, timesteps=kept, record_every=5
+    )
     ids = sampling.sample_ids(0, 4, mesh)
     samples, chain = fn({"w": jnp.float32(1.0)}, jax.random.key(0), ids)
     np.testing.assert_array_equal(chain.timesteps, kept_t)
@@ -283,10 +387,18 @@ def _reconstructions_by_hand(model, d, params, key, sources, which, t):
   """Diffuse each source (pair p = row p) to timestep t with its pair's noise and decode it alone, step by
   step from Python with the documented noise keys; uint8."""
   q_key, p_key = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
-  noise = lambda base, i: jnp.stack([jax.random.normal(jax.random.fold_in(jax.random.fold_in(base, p), i),
-                                                       sources.shape[1:]) for p in range(len(sources))])
-  step = jax.jit(lambda x, s, z: dm.p_sample(d, model.apply(params, x, s, train=False), x, s, noise=z)[0])
-  x = dm.q_sample(d, images.to_model_input(sources), jnp.full((len(sources),), t), noise(q_key, which))
+  noise = lambda base, i: jnp.stack(
+    [
+      jax.random.normal(jax.random.fold_in(jax.random.fold_in(base, p), i), sources.shape[1:])
+      for p in range(len(sources))
+    ]
+  )
+  step = jax.jit(
+    lambda x, s, z: dm.p_sample(d, model.apply(params, x, s, train=False), x, s, noise=z)[0]
+  )
+  x = dm.q_sample(
+    d, images.to_model_input(sources), jnp.full((len(sources),), t), noise(q_key, which)
+  )
   for s in range(t, -1, -1):
     x = step(x, jnp.full((len(sources),), s), noise(p_key, s))
   return np.asarray(images.to_uint8(x))
@@ -302,7 +414,16 @@ def test_interpolation_ends_are_the_reconstructions_and_noise_is_fixed_across_la
   s1, s2 = (rng.integers(0, 256, (2, 8, 8, 1), dtype=np.uint8) for _ in range(2))
   key = jax.random.key(3)
   run = lambda lambdas, timesteps: interpolate.interpolations(
-      fn, params, key=key, sources1=s1, sources2=s2, lambdas=lambdas, timesteps=timesteps, batch_size=4, mesh=mesh)
+    fn,
+    params,
+    key=key,
+    sources1=s1,
+    sources2=s2,
+    lambdas=lambdas,
+    timesteps=timesteps,
+    batch_size=4,
+    mesh=mesh,
+  )
   out = run([0.0, 0.5, 1.0], [4, 10])  # 1-based t: timesteps 3 and 9; 6 rows in two batches of 4
   assert out.shape == (2, 2, 3, 8, 8, 1) and out.dtype == np.uint8
   for i, t in enumerate((4, 10)):
@@ -317,7 +438,9 @@ def test_interpolation_ends_are_the_reconstructions_and_noise_is_fixed_across_la
 # ----------------------------------------------------------------------------- user errors
 
 
-@pytest.mark.parametrize("key,value,message", [
+@pytest.mark.parametrize(
+  "key,value,message",
+  [
     ("method", "plms", "config.sampling.method = 'plms'"),
     ("eta", -0.5, "config.sampling.eta = -0.5"),
     ("eta", 0.5, "applies only to method 'ddim'"),
@@ -329,7 +452,8 @@ def test_interpolation_ends_are_the_reconstructions_and_noise_is_fixed_across_la
     ("spacing", "ddim8", "no integer stride keeps exactly 8"),  # ceil(10 / i) is 10, 5, 4, ...
     ("spacing", "3,6", "fewer than the 6 asked for"),  # two sections of 5
     ("spacing", "2,2", "config.sampling.num_steps = 5"),  # keeps 4
-])
+  ],
+)
 def test_sampling_config_errors_name_key_and_value(key, value, message):
   config = tiny_config(sampling__num_steps=5)
   config.sampling[key] = value
@@ -337,7 +461,9 @@ def test_sampling_config_errors_name_key_and_value(key, value, message):
     sampling.sampler_options(config.sampling, 10)
 
 
-@pytest.mark.parametrize("key,value,message", [
+@pytest.mark.parametrize(
+  "key,value,message",
+  [
     ("timesteps", (0, 5), "t = 0, outside [1, T = 10]"),
     ("timesteps", (11,), "t = 11, outside [1, T = 10]"),
     ("timesteps", (), "timesteps is empty"),
@@ -345,7 +471,8 @@ def test_sampling_config_errors_name_key_and_value(key, value, message):
     ("image1", "some.png", "image1 and image2 must be given together"),
     ("figure9_pair", 8, "figure9_pair = 8"),
     ("num_pairs", 0, "num_pairs = 0"),
-])
+  ],
+)
 def test_interpolation_config_errors(key, value, message):
   config = tiny_config(interpolation__timesteps=(5, 10))
   config.interpolation[key] = value
@@ -374,8 +501,14 @@ def trained_tiny(tmp_path_factory):
 
 
 def test_cli_samples_with_ddim_in_5_steps(trained_tiny):
-  result = run_cli("--config=configs/digits.py", f"--workdir={trained_tiny}", "--mode=sample", *TINY,
-                   "--config.sampling.method=ddim", "--config.sampling.num_steps=5")
+  result = run_cli(
+    "--config=configs/digits.py",
+    f"--workdir={trained_tiny}",
+    "--mode=sample",
+    *TINY,
+    "--config.sampling.method=ddim",
+    "--config.sampling.num_steps=5",
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   out = trained_tiny / "samples" / "ckpt_4_n6_seed0"
   arr = np.load(out / "samples.npz")["arr_0"]
@@ -393,9 +526,15 @@ def test_cli_interpolate_writes_the_pictures_and_arrays_beside_earlier_ones(trai
   earlier = trained_tiny / "interpolations" / "ckpt_4_seed0"
   earlier.mkdir(parents=True)
   (earlier / "interpolations.npz").write_bytes(b"earlier result")
-  result = run_cli("--config=configs/digits.py", f"--workdir={trained_tiny}", "--mode=interpolate", *TINY,
-                   "--config.interpolation.timesteps=(5,10)", "--config.interpolation.num_pairs=2",
-                   "--config.interpolation.lambdas=(0.0,0.5,1.0)")
+  result = run_cli(
+    "--config=configs/digits.py",
+    f"--workdir={trained_tiny}",
+    "--mode=interpolate",
+    *TINY,
+    "--config.interpolation.timesteps=(5,10)",
+    "--config.interpolation.num_pairs=2",
+    "--config.interpolation.lambdas=(0.0,0.5,1.0)",
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert (earlier / "interpolations.npz").read_bytes() == b"earlier result"
   out = trained_tiny / "interpolations" / "ckpt_4_seed0_1"

@@ -23,7 +23,11 @@ def leaves(tree):
 def test_optimizer_is_the_papers_recipe():
   config = tiny_config(training__warmup_steps=5000, training__learning_rate=2e-4)
   tx, lr_fn = state_lib.make_optimizer(config.training)
-  assert float(lr_fn(0)) == 0.0 and float(lr_fn(2500)) == pytest.approx(1e-4) and float(lr_fn(10**6)) == pytest.approx(2e-4)
+  assert (
+    float(lr_fn(0)) == 0.0
+    and float(lr_fn(2500)) == pytest.approx(1e-4)
+    and float(lr_fn(10**6)) == pytest.approx(2e-4)
+  )
   # Global-norm clipping at 1.0 happens before Adam: a huge gradient gives the same first update as a clipped one.
   params = {"w": jnp.ones((3,))}
   state = tx.init(params)
@@ -46,8 +50,10 @@ def test_ema_starts_at_params_and_follows_the_decay():
 def test_per_example_randomness_does_not_depend_on_the_split():
   key = jax.random.key(0)
   full = train.per_example_randomness(key, jnp.arange(8), num_timesteps=10, shape=(2, 2, 1))
-  halves = [train.per_example_randomness(key, jnp.arange(4) + 4 * i, num_timesteps=10, shape=(2, 2, 1))
-            for i in range(2)]
+  halves = [
+    train.per_example_randomness(key, jnp.arange(4) + 4 * i, num_timesteps=10, shape=(2, 2, 1))
+    for i in range(2)
+  ]
   np.testing.assert_array_equal(full[0], np.concatenate([h[0] for h in halves]))
   np.testing.assert_array_equal(full[1], np.concatenate([h[1] for h in halves]))
 
@@ -68,11 +74,15 @@ def test_stop_and_resume_equals_uninterrupted_bitwise(tmp_path):
   assert os.path.exists(tmp_path / "split" / "checkpoints" / "2")
 
 
-def test_resume_from_a_checkpoint_written_while_batches_were_read_ahead_equals_uninterrupted(tmp_path):
+def test_resume_from_a_checkpoint_written_while_batches_were_read_ahead_equals_uninterrupted(
+  tmp_path,
+):
   """The trainer reads the next dispatch's batches before a checkpoint is written (device prefetch);
   the checkpoint must hold the data position of the steps taken. Resume from the middle of a run
   (2 steps per dispatch, an odd total) and end bitwise where the uninterrupted run ends."""
-  config = lambda: tiny_config(training__num_steps=7, training__steps_per_dispatch=2, training__checkpoint_every=2)
+  config = lambda: tiny_config(
+    training__num_steps=7, training__steps_per_dispatch=2, training__checkpoint_every=2
+  )
   full = _train(config(), tmp_path / "full")
   shutil.copytree(tmp_path / "full", tmp_path / "cut")
   for step in (4, 6, 7):
@@ -94,27 +104,48 @@ def test_resume_refuses_a_different_model(tmp_path):
 def test_non_finite_loss_stops_without_writing_a_checkpoint(tmp_path):
   _train(tiny_config(training__num_steps=2), tmp_path)
   # An absurd learning rate drives the loss to infinity within a few steps.
-  config = tiny_config(training__num_steps=40, training__learning_rate=1e30, training__warmup_steps=0,
-                       training__grad_clip=1e30, training__log_every=1, training__checkpoint_every=1)
+  config = tiny_config(
+    training__num_steps=40,
+    training__learning_rate=1e30,
+    training__warmup_steps=0,
+    training__grad_clip=1e30,
+    training__log_every=1,
+    training__checkpoint_every=1,
+  )
   with pytest.raises(train.NonFiniteError, match=r"at step \d+"):
     _train(config, tmp_path)
   steps = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
   from ddpm_jax import checkpoint  # pylint: disable=g-import-not-at-top
+
   _, model, tx, _ = state_lib.build(config)
   manager = checkpoint.make_manager(str(tmp_path), keep=10, read_only=True)
   for step in steps:
-    state = checkpoint.restore(manager, abstract_state=state_lib.abstract_state(
-        model, tx, shape=state_lib.image_shape(config), mesh=parallel.make_mesh()), step=step)
+    state = checkpoint.restore(
+      manager,
+      abstract_state=state_lib.abstract_state(
+        model, tx, shape=state_lib.image_shape(config), mesh=parallel.make_mesh()
+      ),
+      step=step,
+    )
     assert all(np.isfinite(x).all() for x in leaves(state.params)), step
 
 
 def test_training_on_digits_learns_and_samples_look_like_the_data(tmp_path):
   """A short run on the built-in digits: the loss falls far below its start, and samples have the
   data's pixel statistics (the values are printed; see pytest -s)."""
-  config = tiny_config(training__num_steps=300, training__batch_size=32, training__learning_rate=2e-3,
-                       training__warmup_steps=20, training__log_every=50, training__checkpoint_every=300,
-                       training__ema_decay=0.99, diffusion__num_timesteps=50, diffusion__beta_start=2e-3,
-                       diffusion__beta_end=0.4, training__num_grid_samples=0)
+  config = tiny_config(
+    training__num_steps=300,
+    training__batch_size=32,
+    training__learning_rate=2e-3,
+    training__warmup_steps=20,
+    training__log_every=50,
+    training__checkpoint_every=300,
+    training__ema_decay=0.99,
+    diffusion__num_timesteps=50,
+    diffusion__beta_start=2e-3,
+    diffusion__beta_end=0.4,
+    training__num_grid_samples=0,
+  )
   losses = []
   original = train._Logger.report
 
@@ -131,12 +162,16 @@ def test_training_on_digits_learns_and_samples_look_like_the_data(tmp_path):
   d, model, _, _ = state_lib.build(config)
   mesh = parallel.make_mesh()
   fn = sampling.make_sampler(model, d, mesh, image_shape=state_lib.image_shape(config))
-  samples = sampling.generate(fn, state.ema_params, key=jax.random.key(1), num_samples=256, batch_size=128, mesh=mesh)
+  samples = sampling.generate(
+    fn, state.ema_params, key=jax.random.key(1), num_samples=256, batch_size=128, mesh=mesh
+  )
   real = np.stack([data.load_images(config.data, split="train")[i] for i in range(1797)])
   s, r = samples.astype(np.float64) / 255, real.astype(np.float64) / 255
-  print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f}; mean pixel {s.mean():.3f} (data {r.mean():.3f}); "
-        f"ink > 0.5 {(s > 0.5).mean():.3f} (data {(r > 0.5).mean():.3f}); per-image mean std "
-        f"{s.mean(axis=(1, 2, 3)).std():.3f} (data {r.mean(axis=(1, 2, 3)).std():.3f})")
+  print(
+    f"loss {losses[0]:.3f} -> {losses[-1]:.3f}; mean pixel {s.mean():.3f} (data {r.mean():.3f}); "
+    f"ink > 0.5 {(s > 0.5).mean():.3f} (data {(r > 0.5).mean():.3f}); per-image mean std "
+    f"{s.mean(axis=(1, 2, 3)).std():.3f} (data {r.mean(axis=(1, 2, 3)).std():.3f})"
+  )
   assert abs(s.mean() - r.mean()) < 0.08, (s.mean(), r.mean())
   assert abs((s > 0.5).mean() - (r > 0.5).mean()) < 0.1, ((s > 0.5).mean(), (r > 0.5).mean())
   # Samples are not all alike: their per-image means spread like the data's.
@@ -151,7 +186,9 @@ def test_sampler_is_one_loop_whose_size_does_not_depend_on_T():
   for T in (10, 100):
     config.diffusion.num_timesteps = T
     d, model, tx, _ = state_lib.build(config)
-    params = jax.eval_shape(lambda: state_lib.init_state(model, tx, seed=0, shape=state_lib.image_shape(config))).ema_params
+    params = jax.eval_shape(
+      lambda: state_lib.init_state(model, tx, seed=0, shape=state_lib.image_shape(config))
+    ).ema_params
     fn = sampling.make_sampler(model, d, mesh, image_shape=state_lib.image_shape(config))
     text = jax.jit(fn).lower(params, jax.random.key(0), jnp.arange(4)).as_text()
     counts.append((text.count("stablehlo.convolution"), text.count("stablehlo.while"), len(text)))
@@ -166,7 +203,9 @@ def test_progressive_sampling_records_the_chain_and_ends_at_the_sample():
   mesh = parallel.make_mesh()
   state = state_lib.init_state(model, tx, seed=0, shape=state_lib.image_shape(config))
   plain = sampling.make_sampler(model, d, mesh, image_shape=state_lib.image_shape(config))
-  chained = sampling.make_sampler(model, d, mesh, image_shape=state_lib.image_shape(config), record_every=3)
+  chained = sampling.make_sampler(
+    model, d, mesh, image_shape=state_lib.image_shape(config), record_every=3
+  )
   ids = sampling.sample_ids(0, 4, mesh)
   images, chain = chained(state.ema_params, jax.random.key(0), ids)
   np.testing.assert_array_equal(images, plain(state.ema_params, jax.random.key(0), ids))
@@ -191,10 +230,23 @@ def test_any_number_of_samples_and_independent_of_batch_size():
 
 
 def _probe(workdir, out, *, devices, extra=(), env=None):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **(env or {}))
-  return subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "train_probe.py"), str(workdir), str(out),
-                           *map(str, extra)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
+  env = dict(
+    os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **(env or {})
+  )
+  return subprocess.Popen(
+    [
+      sys.executable,
+      os.path.join(REPO, "tests", "train_probe.py"),
+      str(workdir),
+      str(out),
+      *map(str, extra),
+    ],
+    cwd=REPO,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
 
 
 def _finish(proc, timeout=600):
@@ -232,9 +284,16 @@ def test_one_device_four_devices_and_two_processes_train_alike(tmp_path):
 def test_training_reads_a_tfds_dataset(tmp_path):
   """The TFDS path end to end (cifar10 layout), on tfds.testing.mock_data's generated examples."""
   tfds = data._import_tfds()
-  config = tiny_config(data__dataset="cifar10", data__image_size=32, data__num_channels=3, data__random_flip=True,
-                       data__tfds_data_dir=str(tmp_path / "tfds"), model__attn_resolutions=(16,),
-                       training__num_steps=2, training__num_grid_samples=0)
+  config = tiny_config(
+    data__dataset="cifar10",
+    data__image_size=32,
+    data__num_channels=3,
+    data__random_flip=True,
+    data__tfds_data_dir=str(tmp_path / "tfds"),
+    model__attn_resolutions=(16,),
+    training__num_steps=2,
+    training__num_grid_samples=0,
+  )
   with tfds.testing.mock_data(num_examples=32):
     state = _train(config, tmp_path / "w")
   assert int(state.step) == 2
@@ -243,8 +302,12 @@ def test_training_reads_a_tfds_dataset(tmp_path):
 
 def test_several_steps_per_dispatch_equal_one_at_a_time(tmp_path):
   one = _train(tiny_config(training__num_steps=4, training__num_grid_samples=0), tmp_path / "one")
-  two = _train(tiny_config(training__num_steps=4, training__steps_per_dispatch=2, training__num_grid_samples=0),
-               tmp_path / "two")
+  two = _train(
+    tiny_config(
+      training__num_steps=4, training__steps_per_dispatch=2, training__num_grid_samples=0
+    ),
+    tmp_path / "two",
+  )
   assert int(two.step) == 4
   # Float order differs between the two programs; Adam turns that into ~1e-6 changes of near-zero
   # weights, while a skipped or repeated step moves weights by ~lr = 1e-3.

@@ -15,18 +15,25 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 
 
 def main(workdir, out, process_id=None, num_processes=None, port=None):
-  config = conftest.tiny_config(model__dropout=0.1, training__num_steps=3, training__sample_every=0,
-                                training__num_grid_samples=0)
+  config = conftest.tiny_config(
+    model__dropout=0.1,
+    training__num_steps=3,
+    training__sample_every=0,
+    training__num_grid_samples=0,
+  )
   if process_id is not None:
     config.distributed.initialize = "on"
     config.distributed.coordinator_address = f"localhost:{port}"
     config.distributed.num_processes = int(num_processes)
     config.distributed.process_id = int(process_id)
   from ddpm_jax import parallel, train  # pylint: disable=g-import-not-at-top
+
   parallel.maybe_initialize_distributed(config.distributed)
   state = train.train_and_evaluate(config, workdir)
-  flat = {jax.tree_util.keystr(p): parallel.to_host(v)
-          for p, v in jax.tree_util.tree_leaves_with_path((state.params, state.ema_params))}
+  flat = {
+    jax.tree_util.keystr(p): parallel.to_host(v)
+    for p, v in jax.tree_util.tree_leaves_with_path((state.params, state.ema_params))
+  }
   if jax.process_index() == 0:
     np.savez(out, devices=jax.device_count(), processes=jax.process_count(), **flat)
 

@@ -65,8 +65,12 @@ def get_config():
   sampling.batch_size = 256  # global
   sampling.num_samples = 64
   sampling.clip_denoised = True
-  sampling.progressive_every = 0  # record x0 predictions every this many steps; 0: T // 10 (about 10 frames)
-  sampling.num_progressive = 8  # samples (rows) in the progressive picture; 0: no progressive picture
+  sampling.progressive_every = (
+    0  # record x0 predictions every this many steps; 0: T // 10 (about 10 frames)
+  )
+  sampling.num_progressive = (
+    8  # samples (rows) in the progressive picture; 0: no progressive picture
+  )
   sampling.checkpoint_step = -1  # -1: newest checkpoint
   sampling.method = "ancestral"  # ancestral (Algorithm 2) | ddim (Song et al. 2021)
   sampling.num_steps = -1  # reverse steps taken, in [1, T]; -1: all T
@@ -78,12 +82,18 @@ def get_config():
 
   # The paper's interpolations (Section 4.4), --mode=interpolate.
   config.interpolation = interpolation = ml_collections.ConfigDict()
-  interpolation.split = "train"  # the dataset split whose images (0, 1), (2, 3), ... are the source pairs
+  interpolation.split = (
+    "train"  # the dataset split whose images (0, 1), (2, 3), ... are the source pairs
+  )
   interpolation.num_pairs = 8  # rows of each picture
   # noising steps t in [1, T] (the paper's numbering: 1000 = T); one picture per t (t = 500: Figure 8)
   interpolation.timesteps = (250, 500, 750, 1000)
-  interpolation.lambdas = tuple(i / 10 for i in range(11))  # mixing weights: the columns of each picture
-  interpolation.figure9_pair = 0  # the pair shown at every t in the coarse-to-fine picture (Figure 9)
+  interpolation.lambdas = tuple(
+    i / 10 for i in range(11)
+  )  # mixing weights: the columns of each picture
+  interpolation.figure9_pair = (
+    0  # the pair shown at every t in the coarse-to-fine picture (Figure 9)
+  )
   interpolation.image1 = ""  # two image files to interpolate between instead of dataset pairs
   interpolation.image2 = ""
 
@@ -93,19 +103,32 @@ def get_config():
   evaluation.split = "test"
   evaluation.num_examples = 10_000  # CIFAR10 test: the whole split
   evaluation.batch_size = 128  # global; also the Inception network's batch
-  evaluation.clip_denoised = True  # clip the predicted x0 to [-1, 1] inside the bound (the official eval does)
+  evaluation.clip_denoised = (
+    True  # clip the predicted x0 to [-1, 1] inside the bound (the official eval does)
+  )
   # --mode=fid: samples (drawn with config.sampling's batch size and clip_denoised) vs reference statistics
   evaluation.num_fid_samples = 50_000
   evaluation.sample_chunk_size = 1000  # samples per resumable .npz chunk under WORKDIR/eval
-  evaluation.inception_weights = ""  # this project's Inception .npz (python -m ddpm_jax.metrics.convert_inception)
-  evaluation.fid_resize = "tf"  # tf: the TF graph's bilinear resize (the paper's FIDs); pytorch: pytorch-fid's
-  evaluation.fid_reference_splits = ("train", "test")  # FID vs each (paper: 3.17 vs train, 5.24 vs test)
-  evaluation.num_fid_reference = 0  # first N images of each reference split; 0: the whole split (paper)
+  evaluation.inception_weights = (
+    ""  # this project's Inception .npz (python -m ddpm_jax.metrics.convert_inception)
+  )
+  evaluation.fid_resize = (
+    "tf"  # tf: the TF graph's bilinear resize (the paper's FIDs); pytorch: pytorch-fid's
+  )
+  evaluation.fid_reference_splits = (
+    "train",
+    "test",
+  )  # FID vs each (paper: 3.17 vs train, 5.24 vs test)
+  evaluation.num_fid_reference = (
+    0  # first N images of each reference split; 0: the whole split (paper)
+  )
   evaluation.stats_dir = ""  # cache of reference statistics; "": fid_stats/ beside WORKDIR
   # --mode=evaluate_watch: evaluate every new checkpoint of a training workdir once
   evaluation.watch_modes = ("bpd", "fid")
   evaluation.watch_poll_secs = 60
-  evaluation.watch_timeout_secs = 0  # stop after this long without a new checkpoint; 0: at training.num_steps
+  evaluation.watch_timeout_secs = (
+    0  # stop after this long without a new checkpoint; 0: at training.num_steps
+  )
 
   config.distributed = distributed = ml_collections.ConfigDict()
   # "auto": initialise jax.distributed when the environment is a TPU pod or a SLURM job.
@@ -129,7 +152,9 @@ def set_256_model(config):
   config.sampling.batch_size = 128
   config.evaluation.batch_size = 64
   config.evaluation.split = "train"  # TFDS has no test split for CelebA-HQ and the LSUN categories
-  config.evaluation.num_examples = 1000  # the paper reports no 256x256 bits/dim; 1000 images is an estimate
+  config.evaluation.num_examples = (
+    1000  # the paper reports no 256x256 bits/dim; 1000 images is an estimate
+  )
   config.evaluation.sample_chunk_size = 250  # 49 MB per chunk
   config.evaluation.fid_reference_splits = ("train",)
   config.evaluation.num_fid_reference = 50_000  # LSUN splits have 126k-3M images

@@ -36,11 +36,18 @@ def get_config():
   config.training.checkpoint_every = 1000
   config.sampling.batch_size = 100
   config.sampling.num_samples = 100
-  config.interpolation.timesteps = (50, 100, 150, 200)  # the paper's 250 .. 1000 of T = 1000, at T = 200
+  config.interpolation.timesteps = (
+    50,
+    100,
+    150,
+    200,
+  )  # the paper's 250 .. 1000 of T = 1000, at T = 200
   config.evaluation.split = "train"
   config.evaluation.batch_size = 100
   config.evaluation.num_examples = 500
   config.evaluation.num_fid_samples = 1000
   config.evaluation.sample_chunk_size = 500
-  config.evaluation.fid_reference_splits = ("train",)  # the digits' train and test splits are the same images
+  config.evaluation.fid_reference_splits = (
+    "train",
+  )  # the digits' train and test splits are the same images
   return config

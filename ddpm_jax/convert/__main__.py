@@ -23,44 +23,67 @@ from ddpm_jax.convert import workdir as workdir_lib
 from ddpm_jax.errors import ConfigError
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "import: the config the model was trained with, e.g. "
-                                "configs/cifar10.py (written to WORKDIR/config.json).", lock_config=True)
+config_flags.DEFINE_config_file(
+  "config",
+  None,
+  "import: the config the model was trained with, e.g. "
+  "configs/cifar10.py (written to WORKDIR/config.json).",
+  lock_config=True,
+)
 flags.DEFINE_string("workdir", None, "import: the workdir to write; export: the workdir to read.")
-flags.DEFINE_bool("raw", False, "import: a TF checkpoint's raw weights instead of their EMA copies; "
-                  "export: the raw params instead of the EMA params.")
-flags.DEFINE_bool("overwrite", False, "import: replace the checkpoints of WORKDIR; export: replace OUT.")
+flags.DEFINE_bool(
+  "raw",
+  False,
+  "import: a TF checkpoint's raw weights instead of their EMA copies; "
+  "export: the raw params instead of the EMA params.",
+)
+flags.DEFINE_bool(
+  "overwrite", False, "import: replace the checkpoints of WORKDIR; export: replace OUT."
+)
 flags.DEFINE_integer("step", -1, "export: the checkpoint step to export (-1: the newest).")
 flags.mark_flags_as_required(["workdir"])
 
-USAGE = ("usage: python -m ddpm_jax.convert import SRC --config=CONFIG --workdir=DIR [--raw] [--overwrite]\n"
-         "       python -m ddpm_jax.convert export --workdir=DIR OUT [--raw] [--overwrite] [--step=N]")
+USAGE = (
+  "usage: python -m ddpm_jax.convert import SRC --config=CONFIG --workdir=DIR [--raw] [--overwrite]\n"
+  "       python -m ddpm_jax.convert export --workdir=DIR OUT [--raw] [--overwrite] [--step=N]"
+)
 
 
 def _import(src: str) -> None:
   if FLAGS.config is None:
-    raise app.UsageError("import needs --config, the config the model was trained with (e.g. configs/cifar10.py).")
+    raise app.UsageError(
+      "import needs --config, the config the model was trained with (e.g. configs/cifar10.py)."
+    )
   if workdir_lib.detect_format(src)[0] == workdir_lib.TF:
     data.hide_accelerators_from_tensorflow()  # TensorFlow only reads the checkpoint; JAX keeps the devices
-  done = workdir_lib.import_checkpoint(src, config=FLAGS.config, workdir=FLAGS.workdir, raw=FLAGS.raw,
-                                       overwrite=FLAGS.overwrite)
+  done = workdir_lib.import_checkpoint(
+    src, config=FLAGS.config, workdir=FLAGS.workdir, raw=FLAGS.raw, overwrite=FLAGS.overwrite
+  )
   config_file = config_flags.get_config_filename(FLAGS["config"])
-  print(f"Imported {done.num_params:,} parameters from {done.description} into {done.checkpoint_dir} (step "
-        f"{done.step}).\nSample with: python -m ddpm_jax.main --mode=sample --config={config_file} "
-        f"--workdir={FLAGS.workdir} (and the same --config overrides)")
+  print(
+    f"Imported {done.num_params:,} parameters from {done.description} into {done.checkpoint_dir} (step "
+    f"{done.step}).\nSample with: python -m ddpm_jax.main --mode=sample --config={config_file} "
+    f"--workdir={FLAGS.workdir} (and the same --config overrides)"
+  )
 
 
 def _export(out: str) -> None:
-  out, step = workdir_lib.export_diffusers(FLAGS.workdir, out, raw=FLAGS.raw, step=FLAGS.step,
-                                           overwrite=FLAGS.overwrite)
-  print(f"Exported the {'raw' if FLAGS.raw else 'EMA'} params of step {step} to {out} "
-        "(load with diffusers' UNet2DModel.from_pretrained or DDPMPipeline.from_pretrained).")
+  out, step = workdir_lib.export_diffusers(
+    FLAGS.workdir, out, raw=FLAGS.raw, step=FLAGS.step, overwrite=FLAGS.overwrite
+  )
+  print(
+    f"Exported the {'raw' if FLAGS.raw else 'EMA'} params of step {step} to {out} "
+    "(load with diffusers' UNet2DModel.from_pretrained or DDPMPipeline.from_pretrained)."
+  )
 
 
 def main(argv):
   if len(argv) != 3 or argv[1] not in ("import", "export"):
     raise app.UsageError(f"expected a command and one path.\n{USAGE}")
   # orbax reports every save at INFO; keep its warnings only.
-  logging.get_absl_handler().addFilter(lambda r: r.levelno >= std_logging.WARNING or "/orbax/" not in r.pathname)
+  logging.get_absl_handler().addFilter(
+    lambda r: r.levelno >= std_logging.WARNING or "/orbax/" not in r.pathname
+  )
   try:
     (_import if argv[1] == "import" else _export)(argv[2])
   except (ConfigError, OSError) as e:
@@ -75,7 +98,10 @@ def parse_flags(argv):
   except flags.Error as e:
     print(f"FATAL Flags parsing error: {e}", file=sys.stderr)
   except (KeyError, AttributeError) as e:
-    print(f"ddpm_jax.convert: error: unknown config key in the command line overrides: {e}", file=sys.stderr)
+    print(
+      f"ddpm_jax.convert: error: unknown config key in the command line overrides: {e}",
+      file=sys.stderr,
+    )
   sys.exit(1)
 
 

@@ -25,25 +25,48 @@ TORCH_WEIGHTS_NAME = "diffusion_pytorch_model.bin"
 SCHEDULER_NAME = "scheduler_config.json"
 
 # Our submodule names inside a block -> diffusers' names.
-_RESNET_NAMES = {"norm1": "norm1", "conv1": "conv1", "temb_proj": "time_emb_proj", "norm2": "norm2",
-                 "conv2": "conv2", "nin_shortcut": "conv_shortcut"}
+_RESNET_NAMES = {
+  "norm1": "norm1",
+  "conv1": "conv1",
+  "temb_proj": "time_emb_proj",
+  "norm2": "norm2",
+  "conv2": "conv2",
+  "nin_shortcut": "conv_shortcut",
+}
 _ATTN_NAMES = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
-_TOP_LEVEL_NAMES = {"conv_in": "conv_in", "temb_dense0": "time_embedding.linear_1",
-                    "temb_dense1": "time_embedding.linear_2", "norm_out": "conv_norm_out",
-                    "conv_out": "conv_out",
-                    "mid_block_1": "mid_block.resnets.0", "mid_attn": "mid_block.attentions.0",
-                    "mid_block_2": "mid_block.resnets.1"}
+_TOP_LEVEL_NAMES = {
+  "conv_in": "conv_in",
+  "temb_dense0": "time_embedding.linear_1",
+  "temb_dense1": "time_embedding.linear_2",
+  "norm_out": "conv_norm_out",
+  "conv_out": "conv_out",
+  "mid_block_1": "mid_block.resnets.0",
+  "mid_attn": "mid_block.attentions.0",
+  "mid_block_2": "mid_block.resnets.1",
+}
 # The attention key names of older diffusers files (e.g. the Hub's google/ddpm-cifar10-32).
 _LEGACY_ATTN_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 _LEVEL_MODULE = re.compile(r"(down|up)_(\d+)_(block|attn|downsample|upsample)(?:_(\d+))?$")
 # UNet2DModel settings that the weights do not show, and the values the official U-Net needs.
-_FIXED_UNET_SETTINGS = {"act_fn": "silu", "flip_sin_to_cos": False, "freq_shift": 1,
-                        "time_embedding_type": "positional", "center_input_sample": False,
-                        "norm_num_groups": unet_lib.NUM_GROUPS, "norm_eps": unet_lib.NORM_EPS,
-                        "resnet_time_scale_shift": "default", "mid_block_scale_factor": 1,
-                        "downsample_padding": 0, "downsample_type": "conv", "upsample_type": "conv",
-                        "add_attention": True, "class_embed_type": None, "num_class_embeds": None,
-                        "attn_norm_num_groups": None, "mid_block_type": "UNetMidBlock2D"}
+_FIXED_UNET_SETTINGS = {
+  "act_fn": "silu",
+  "flip_sin_to_cos": False,
+  "freq_shift": 1,
+  "time_embedding_type": "positional",
+  "center_input_sample": False,
+  "norm_num_groups": unet_lib.NUM_GROUPS,
+  "norm_eps": unet_lib.NORM_EPS,
+  "resnet_time_scale_shift": "default",
+  "mid_block_scale_factor": 1,
+  "downsample_padding": 0,
+  "downsample_type": "conv",
+  "upsample_type": "conv",
+  "add_attention": True,
+  "class_embed_type": None,
+  "num_class_embeds": None,
+  "attn_norm_num_groups": None,
+  "mid_block_type": "UNetMidBlock2D",
+}
 
 
 # ----------------------------------------------------------------------------- names and layouts
@@ -77,8 +100,12 @@ def _module_key(name, num_levels):
   assert match, name
   path, level, kind, index = match.groups()
   block = f"down_blocks.{level}" if path == "down" else f"up_blocks.{num_levels - 1 - int(level)}"
-  child = {"block": f"resnets.{index}", "attn": f"attentions.{index}", "downsample": "downsamplers.0",
-           "upsample": "upsamplers.0"}[kind]
+  child = {
+    "block": f"resnets.{index}",
+    "attn": f"attentions.{index}",
+    "downsample": "downsamplers.0",
+    "upsample": "upsamplers.0",
+  }[kind]
   return f"{block}.{child}"
 
 
@@ -87,7 +114,9 @@ def diffusers_key(path, num_levels) -> str:
   module, *inner, leaf = path
   names = [_module_key(module, num_levels)]
   for name in inner:  # a layer inside a block
-    table = _ATTN_NAMES if "attn" in module else _RESNET_NAMES if "block" in module else {"conv": "conv"}
+    table = (
+      _ATTN_NAMES if "attn" in module else _RESNET_NAMES if "block" in module else {"conv": "conv"}
+    )
     names.append(table[name])
   names.append({"kernel": "weight", "scale": "weight", "bias": "bias"}[leaf])
   return ".".join(names)
@@ -114,7 +143,9 @@ def _to_torch_layout(path, value):
 def state_dict_source(state_dict, *, description="the diffusers state dict") -> params_lib.Source:
   """A `Source` over a `UNet2DModel` state dict (numpy arrays or torch tensors; legacy attention names too)."""
   arrays = _modernize_attention_keys({key: _to_numpy(value) for key, value in state_dict.items()})
-  return params_lib.Source(description=description, arrays=arrays, name_of=diffusers_key, to_flax=_to_flax_layout)
+  return params_lib.Source(
+    description=description, arrays=arrays, name_of=diffusers_key, to_flax=_to_flax_layout
+  )
 
 
 def unet_params_from_diffusers(state_dict, *, model: unet_lib.UNet):
@@ -125,8 +156,12 @@ def unet_params_from_diffusers(state_dict, *, model: unet_lib.UNet):
 def unet_state_dict(params, *, num_levels: int) -> dict:
   """Our `{'params': ...}` -> a `UNet2DModel` state dict of contiguous float32 numpy arrays."""
   flat = traverse_util.flatten_dict(params["params"])
-  return {diffusers_key(path, num_levels): np.ascontiguousarray(_to_torch_layout(path, np.asarray(value, np.float32)))
-          for path, value in flat.items()}
+  return {
+    diffusers_key(path, num_levels): np.ascontiguousarray(
+      _to_torch_layout(path, np.asarray(value, np.float32))
+    )
+    for path, value in flat.items()
+  }
 
 
 # ----------------------------------------------------------------------------- UNet2DModel config
@@ -134,25 +169,47 @@ def unet_state_dict(params, *, num_levels: int) -> dict:
 
 def diffusers_unet_config(model_config, *, image_size, num_channels, learned_variance) -> dict:
   """Keyword arguments for diffusers' `UNet2DModel` that build the same network as `create_model`."""
-  model = unet_lib.create_model(model_config, image_size=image_size, num_channels=num_channels,
-                                learned_variance=learned_variance)
+  model = unet_lib.create_model(
+    model_config,
+    image_size=image_size,
+    num_channels=num_channels,
+    learned_variance=learned_variance,
+  )
   if not model.resamp_with_conv:
-    raise ConfigError("model.resamp_with_conv=False has no diffusers UNet2DModel equivalent "
-                      "(its down- and upsampling always use convolutions).")
+    raise ConfigError(
+      "model.resamp_with_conv=False has no diffusers UNet2DModel equivalent "
+      "(its down- and upsampling always use convolutions)."
+    )
   num_levels = len(model.ch_mult)
-  attn = unet_lib.attention_levels(image_size=image_size, num_levels=num_levels,
-                                   attn_resolutions=model.attn_resolutions)
+  attn = unet_lib.attention_levels(
+    image_size=image_size, num_levels=num_levels, attn_resolutions=model.attn_resolutions
+  )
   down = tuple("AttnDownBlock2D" if lvl in attn else "DownBlock2D" for lvl in range(num_levels))
   up = tuple("AttnUpBlock2D" if lvl in attn else "UpBlock2D" for lvl in reversed(range(num_levels)))
   return dict(
-      sample_size=image_size, in_channels=num_channels, out_channels=model.out_ch,
-      center_input_sample=False, time_embedding_type="positional", flip_sin_to_cos=False, freq_shift=1,
-      down_block_types=down, up_block_types=up,
-      mid_block_type="UNetMidBlock2D", add_attention=True,
-      block_out_channels=tuple(model.ch * m for m in model.ch_mult), layers_per_block=model.num_res_blocks,
-      mid_block_scale_factor=1, downsample_padding=0, downsample_type="conv", upsample_type="conv",
-      dropout=model.dropout, act_fn="silu", attention_head_dim=None,  # None: head dim = channels, one head
-      norm_num_groups=unet_lib.NUM_GROUPS, norm_eps=unet_lib.NORM_EPS, resnet_time_scale_shift="default",
+    sample_size=image_size,
+    in_channels=num_channels,
+    out_channels=model.out_ch,
+    center_input_sample=False,
+    time_embedding_type="positional",
+    flip_sin_to_cos=False,
+    freq_shift=1,
+    down_block_types=down,
+    up_block_types=up,
+    mid_block_type="UNetMidBlock2D",
+    add_attention=True,
+    block_out_channels=tuple(model.ch * m for m in model.ch_mult),
+    layers_per_block=model.num_res_blocks,
+    mid_block_scale_factor=1,
+    downsample_padding=0,
+    downsample_type="conv",
+    upsample_type="conv",
+    dropout=model.dropout,
+    act_fn="silu",
+    attention_head_dim=None,  # None: head dim = channels, one head
+    norm_num_groups=unet_lib.NUM_GROUPS,
+    norm_eps=unet_lib.NORM_EPS,
+    resnet_time_scale_shift="default",
   )
 
 
@@ -160,13 +217,23 @@ def check_unet_config(unet_config: dict, *, path: str) -> None:
   """Refuses a `UNet2DModel` config whose settings (beyond the weights' shapes) differ from the official U-Net."""
   if unet_config.get("_class_name", "UNet2DModel") != "UNet2DModel":
     raise ConfigError(f"{path} describes a {unet_config['_class_name']}, not a UNet2DModel.")
-  diffs = [f"{key}={unet_config[key]!r} (the official U-Net has {value!r})"
-           for key, value in _FIXED_UNET_SETTINGS.items() if key in unet_config and unet_config[key] != value]
+  diffs = [
+    f"{key}={unet_config[key]!r} (the official U-Net has {value!r})"
+    for key, value in _FIXED_UNET_SETTINGS.items()
+    if key in unet_config and unet_config[key] != value
+  ]
   # diffusers splits attention into channels // attention_head_dim heads (null: one head, as here).
-  head_dim, widths = unet_config.get("attention_head_dim"), list(unet_config.get("block_out_channels", ()))
-  attended = [w for w, kind in zip(widths, unet_config.get("down_block_types", ())) if kind.startswith("Attn")]
+  head_dim, widths = (
+    unet_config.get("attention_head_dim"),
+    list(unet_config.get("block_out_channels", ())),
+  )
+  attended = [
+    w for w, kind in zip(widths, unet_config.get("down_block_types", ())) if kind.startswith("Attn")
+  ]
   if head_dim is not None and any(w != head_dim for w in attended + widths[-1:]):
-    diffs.append(f"attention_head_dim={head_dim!r} (the official U-Net has one attention head: null)")
+    diffs.append(
+      f"attention_head_dim={head_dim!r} (the official U-Net has one attention head: null)"
+    )
   if diffs:
     raise ConfigError(f"{path} has settings this U-Net cannot reproduce: {'; '.join(diffs)}.")
 
@@ -186,6 +253,7 @@ def image_size_of(unet_config: dict, *, path: str) -> int | None:
 
 class ModelDir(NamedTuple):
   """What a diffusers model directory holds, read into memory."""
+
   source: params_lib.Source
   unet_config: dict
   scheduler_config: dict | None
@@ -218,27 +286,41 @@ def _read_weights(folder: str) -> tuple[dict, str]:
   if os.path.isfile(path):
     from safetensors import SafetensorError  # pylint: disable=g-import-not-at-top
     from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
+
     try:
       return safetensors_numpy.load_file(path), path
     except (SafetensorError, OSError) as e:
-      raise CheckpointError(f"Cannot read {path} (truncated or not a safetensors file?): {e}.") from e
+      raise CheckpointError(
+        f"Cannot read {path} (truncated or not a safetensors file?): {e}."
+      ) from e
   path = os.path.join(folder, TORCH_WEIGHTS_NAME)
   if not os.path.isfile(path):
-    raise CheckpointError(f"{folder} has a {CONFIG_NAME} but neither {WEIGHTS_NAME} nor {TORCH_WEIGHTS_NAME}.")
+    raise CheckpointError(
+      f"{folder} has a {CONFIG_NAME} but neither {WEIGHTS_NAME} nor {TORCH_WEIGHTS_NAME}."
+    )
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise ConfigError(f"{path} is a PyTorch pickle, which needs PyTorch to read: install torch, or use "
-                      f"the model's {WEIGHTS_NAME}.") from e
+    raise ConfigError(
+      f"{path} is a PyTorch pickle, which needs PyTorch to read: install torch, or use "
+      f"the model's {WEIGHTS_NAME}."
+    ) from e
   try:
     return torch.load(path, map_location="cpu", weights_only=True), path
-  except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for a damaged file
-    raise CheckpointError(f"Cannot read {path} (truncated or not a PyTorch state dict?): {e}.") from e
+  except (
+    Exception
+  ) as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for a damaged file
+    raise CheckpointError(
+      f"Cannot read {path} (truncated or not a PyTorch state dict?): {e}."
+    ) from e
 
 
 def _scheduler_file(path: str, folder: str) -> str | None:
-  for candidate in (os.path.join(folder, SCHEDULER_NAME), os.path.join(path, SCHEDULER_NAME),
-                    os.path.join(path, "scheduler", SCHEDULER_NAME)):
+  for candidate in (
+    os.path.join(folder, SCHEDULER_NAME),
+    os.path.join(path, SCHEDULER_NAME),
+    os.path.join(path, "scheduler", SCHEDULER_NAME),
+  ):
     if os.path.isfile(candidate):
       return candidate
   return None
@@ -248,28 +330,44 @@ def read_model_dir(path: str) -> ModelDir:
   """Reads a diffusers model directory or pipeline snapshot (config, weights, scheduler config if any)."""
   folder = unet_dir(path)
   if folder is None:
-    raise CheckpointError(f"{path} has no {CONFIG_NAME} (nor unet/{CONFIG_NAME}); it is not a diffusers model.")
+    raise CheckpointError(
+      f"{path} has no {CONFIG_NAME} (nor unet/{CONFIG_NAME}); it is not a diffusers model."
+    )
   config_path = os.path.join(folder, CONFIG_NAME)
   unet_config = _read_json(config_path)
   check_unet_config(unet_config, path=config_path)
   state_dict, weights_path = _read_weights(folder)
   scheduler_path = _scheduler_file(path, folder)
   source = state_dict_source(state_dict, description=f"the diffusers weights {weights_path}")
-  return ModelDir(source=source, unet_config=unet_config,
-                  scheduler_config=_read_json(scheduler_path) if scheduler_path else None,
-                  scheduler_path=scheduler_path, image_size=image_size_of(unet_config, path=config_path))
+  return ModelDir(
+    source=source,
+    unet_config=unet_config,
+    scheduler_config=_read_json(scheduler_path) if scheduler_path else None,
+    scheduler_path=scheduler_path,
+    image_size=image_size_of(unet_config, path=config_path),
+  )
 
 
-def write_model_dir(out: str, *, state_dict: dict, unet_config: dict, scheduler_config: dict) -> None:
+def write_model_dir(
+  out: str, *, state_dict: dict, unet_config: dict, scheduler_config: dict
+) -> None:
   """Writes a flat model directory (the Hub's layout) that UNet2DModel and DDPMPipeline both load."""
   from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
+
   os.makedirs(out)
-  safetensors_numpy.save_file(state_dict, os.path.join(out, WEIGHTS_NAME), metadata={"format": "pt"})
-  files = {CONFIG_NAME: {"_class_name": "UNet2DModel", **unet_config},
-           SCHEDULER_NAME: scheduler_config,
-           # DDPMPipeline loads each component from the root when it has no subfolder of that name.
-           "model_index.json": {"_class_name": "DDPMPipeline", "scheduler": ["diffusers", "DDPMScheduler"],
-                                "unet": ["diffusers", "UNet2DModel"]}}
+  safetensors_numpy.save_file(
+    state_dict, os.path.join(out, WEIGHTS_NAME), metadata={"format": "pt"}
+  )
+  files = {
+    CONFIG_NAME: {"_class_name": "UNet2DModel", **unet_config},
+    SCHEDULER_NAME: scheduler_config,
+    # DDPMPipeline loads each component from the root when it has no subfolder of that name.
+    "model_index.json": {
+      "_class_name": "DDPMPipeline",
+      "scheduler": ["diffusers", "DDPMScheduler"],
+      "unet": ["diffusers", "UNet2DModel"],
+    },
+  }
   for name, content in files.items():
     with open(os.path.join(out, name), "w") as f:
       json.dump(content, f, indent=2, sort_keys=True)

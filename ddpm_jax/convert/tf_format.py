@@ -16,9 +16,16 @@ from ddpm_jax.errors import CheckpointError
 
 EMA_SUFFIX = "/ExponentialMovingAverage"
 _SLOT_SUFFIXES = ("/Adam", "/Adam_1")
-_TOP_LEVEL_SCOPES = {"conv_in": "conv_in", "temb_dense0": "temb/dense0", "temb_dense1": "temb/dense1",
-                     "norm_out": "norm_out", "conv_out": "conv_out", "mid_block_1": "mid/block_1",
-                     "mid_attn": "mid/attn_1", "mid_block_2": "mid/block_2"}
+_TOP_LEVEL_SCOPES = {
+  "conv_in": "conv_in",
+  "temb_dense0": "temb/dense0",
+  "temb_dense1": "temb/dense1",
+  "norm_out": "norm_out",
+  "conv_out": "conv_out",
+  "mid_block_1": "mid/block_1",
+  "mid_attn": "mid/attn_1",
+  "mid_block_2": "mid/block_2",
+}
 _LEVEL_MODULE = re.compile(r"(down|up)_(\d+)_(block|attn|downsample|upsample)(?:_(\d+))?$")
 
 
@@ -50,8 +57,9 @@ def checkpoint_prefix(path: str) -> str | None:
     prefixes = sorted(name[: -len(".index")] for name in glob.glob(os.path.join(path, "*.index")))
     if len(prefixes) > 1:
       names = ", ".join(map(os.path.basename, prefixes))
-      raise CheckpointError(f"{path} holds {len(prefixes)} TF checkpoints ({names}); "
-                            f"name one, e.g. {prefixes[-1]}.")
+      raise CheckpointError(
+        f"{path} holds {len(prefixes)} TF checkpoints ({names}); name one, e.g. {prefixes[-1]}."
+      )
     if prefixes:
       return prefixes[0]
   return None
@@ -64,14 +72,16 @@ def _first_line(error) -> str:
 def read_checkpoint(prefix: str, *, raw: bool = False):
   """(Source over the EMA weights, or the raw ones when `raw`; the step from `global_step`, or None)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   # TF's reader raises OpErrors, or IndexError ("Read less bytes than requested") for a short data file.
   unreadable = (tf.errors.OpError, ValueError, IndexError)
   try:
     reader = tf.train.load_checkpoint(prefix)
     shapes = reader.get_variable_to_shape_map()
   except unreadable as e:
-    raise CheckpointError(f"Cannot read the TF checkpoint {prefix} (truncated or not a checkpoint?): "
-                          f"{_first_line(e)}.") from e
+    raise CheckpointError(
+      f"Cannot read the TF checkpoint {prefix} (truncated or not a checkpoint?): {_first_line(e)}."
+    ) from e
   weights = {n for n in shapes if n.startswith("model/") and not n.endswith(_SLOT_SUFFIXES)}
   ema = {n[: -len(EMA_SUFFIX)] for n in weights if n.endswith(EMA_SUFFIX)}
   plain = {n for n in weights if not n.endswith(EMA_SUFFIX)}
@@ -81,25 +91,34 @@ def read_checkpoint(prefix: str, *, raw: bool = False):
     selected = sorted(plain)
   else:
     if not ema:
-      raise CheckpointError(f"The TF checkpoint {prefix} holds no {EMA_SUFFIX} copies of its model/ variables; "
-                            "pass --raw to import the raw weights.")
+      raise CheckpointError(
+        f"The TF checkpoint {prefix} holds no {EMA_SUFFIX} copies of its model/ variables; "
+        "pass --raw to import the raw weights."
+      )
     if plain and ema != plain:
       odd = sorted(ema ^ plain)
-      raise CheckpointError(f"The TF checkpoint {prefix} has {len(odd)} variable(s) under model/ with a raw copy "
-                            f"but no EMA copy or the reverse, e.g. {', '.join(odd[:5])}.")
+      raise CheckpointError(
+        f"The TF checkpoint {prefix} has {len(odd)} variable(s) under model/ with a raw copy "
+        f"but no EMA copy or the reverse, e.g. {', '.join(odd[:5])}."
+      )
     selected = sorted(n + EMA_SUFFIX for n in ema)
   arrays = {}
   for name in selected:
     try:
       arrays[name] = reader.get_tensor(name)
     except unreadable as e:
-      raise CheckpointError(f"Cannot read {name} from the TF checkpoint {prefix} (truncated data file?): "
-                            f"{_first_line(e)}.") from e
+      raise CheckpointError(
+        f"Cannot read {name} from the TF checkpoint {prefix} (truncated data file?): "
+        f"{_first_line(e)}."
+      ) from e
   step = None
   if "global_step" in shapes:
     step = int(reader.get_tensor("global_step"))
   suffix = "" if raw else EMA_SUFFIX
-  source = params_lib.Source(description=f"the TF checkpoint {prefix}", arrays=arrays,
-                             name_of=lambda path, _num_levels: tf_name(path) + suffix,
-                             to_flax=lambda value, _rank: value)
+  source = params_lib.Source(
+    description=f"the TF checkpoint {prefix}",
+    arrays=arrays,
+    name_of=lambda path, _num_levels: tf_name(path) + suffix,
+    to_flax=lambda value, _rank: value,
+  )
   return source, step

@@ -31,6 +31,7 @@ DIFFUSERS, TF = "diffusers", "tf"
 
 class Imported(NamedTuple):
   """What `import_checkpoint` wrote."""
+
   checkpoint_dir: str
   step: int
   num_params: int
@@ -47,8 +48,9 @@ def detect_format(src: str) -> tuple[str, str]:
   if not os.path.exists(src):
     raise CheckpointError(f"{src} does not exist.")
   raise CheckpointError(
-      f"{src} is neither a diffusers model directory ({diffusers_format.CONFIG_NAME} + "
-      f"{diffusers_format.WEIGHTS_NAME}) nor an official TF checkpoint (model.ckpt-N.index + .data-*).")
+    f"{src} is neither a diffusers model directory ({diffusers_format.CONFIG_NAME} + "
+    f"{diffusers_format.WEIGHTS_NAME}) nor an official TF checkpoint (model.ckpt-N.index + .data-*)."
+  )
 
 
 def has_checkpoints(workdir: str) -> bool:
@@ -63,8 +65,10 @@ def _read_source(src: str, *, config, raw: bool):
     source, step = tf_format.read_checkpoint(path, raw=raw)
     return source, step, None
   if raw:
-    raise ConfigError("--raw picks the raw weights of a TF checkpoint; a diffusers model directory holds only "
-                      "one set of weights.")
+    raise ConfigError(
+      "--raw picks the raw weights of a TF checkpoint; a diffusers model directory holds only "
+      "one set of weights."
+    )
   model_dir = diffusers_format.read_model_dir(path)
   if model_dir.scheduler_config is not None:
     scheduler_lib.check_scheduler(model_dir.scheduler_config, config, path=model_dir.scheduler_path)
@@ -90,34 +94,54 @@ def _write_checkpoint(workdir: str, *, state, config) -> str:
   return os.path.join(target, str(int(state.step)))
 
 
-def import_checkpoint(src: str, *, config: ml_collections.ConfigDict, workdir: str, raw: bool = False,
-                      overwrite: bool = False) -> Imported:
+def import_checkpoint(
+  src: str,
+  *,
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  raw: bool = False,
+  overwrite: bool = False,
+) -> Imported:
   """Imports a diffusers model directory or an official TF checkpoint into `workdir` under `config`."""
   if has_checkpoints(workdir) and not overwrite:
-    raise CheckpointError(f"{checkpoint.checkpoint_dir(workdir)} already holds checkpoints; choose a new "
-                          "--workdir or pass --overwrite to replace them.")
+    raise CheckpointError(
+      f"{checkpoint.checkpoint_dir(workdir)} already holds checkpoints; choose a new "
+      "--workdir or pass --overwrite to replace them."
+    )
   built = state_lib.build(config)  # validates the config before anything is read
   source, step, image_size = _read_source(src, config=config, raw=raw)
   shape = params_lib.infer_shape(source)
-  params_lib.check_against_config(shape, config, description=source.description, image_size=image_size)
+  params_lib.check_against_config(
+    shape, config, description=source.description, image_size=image_size
+  )
   params = params_lib.params_from_source(source, model=built.model)
   step = 0 if step is None else step
   logging.info("Writing the checkpoint of step %d to %s.", step, checkpoint.checkpoint_dir(workdir))
   # One jitted program: eagerly, the optimizer's zeros would compile one small program per parameter.
-  state = jax.jit(lambda p: state_lib.state_from_params(p, built.tx, seed=config.seed, step=step))(params)
+  state = jax.jit(lambda p: state_lib.state_from_params(p, built.tx, seed=config.seed, step=step))(
+    params
+  )
   path = _write_checkpoint(workdir, state=state, config=config)
-  return Imported(checkpoint_dir=path, step=step, num_params=unet_lib.count_params(params),
-                  description=source.description)
+  return Imported(
+    checkpoint_dir=path,
+    step=step,
+    num_params=unet_lib.count_params(params),
+    description=source.description,
+  )
 
 
 def _check_new_folder(out: str, *, overwrite: bool) -> None:
   if os.path.exists(out) and not overwrite and (not os.path.isdir(out) or os.listdir(out)):
-    raise ConfigError(f"{out} already exists; choose a new folder or pass --overwrite to replace it.")
+    raise ConfigError(
+      f"{out} already exists; choose a new folder or pass --overwrite to replace it."
+    )
   if os.path.exists(out) and not os.path.isdir(out):
     raise ConfigError(f"{out} is a file, not a folder.")
 
 
-def export_diffusers(workdir: str, out: str, *, raw: bool = False, step: int = -1, overwrite: bool = False):
+def export_diffusers(
+  workdir: str, out: str, *, raw: bool = False, step: int = -1, overwrite: bool = False
+):
   """Writes the EMA params (or raw ones) of a workdir's checkpoint as a diffusers model directory `out`.
 
   Returns (out, step). UNet2DModel.from_pretrained(out) and DDPMPipeline.from_pretrained(out) load it.
@@ -129,13 +153,17 @@ def export_diffusers(workdir: str, out: str, *, raw: bool = False, step: int = -
   _check_new_folder(out, overwrite=overwrite)
   built = state_lib.build(config)
   unet_config = diffusers_format.diffusers_unet_config(
-      config.model, image_size=config.data.image_size, num_channels=config.data.num_channels,
-      learned_variance=built.diffusion.learned_variance)
+    config.model,
+    image_size=config.data.image_size,
+    num_channels=config.data.num_channels,
+    learned_variance=built.diffusion.learned_variance,
+  )
   scheduler_config = scheduler_lib.scheduler_config(config)
   manager = checkpoint.make_manager(workdir, keep=1, read_only=True)
   step = checkpoint.resolve_step(manager, workdir, step)
-  abstract = state_lib.abstract_state(built.model, built.tx, shape=state_lib.image_shape(config),
-                                      mesh=parallel.make_mesh())
+  abstract = state_lib.abstract_state(
+    built.model, built.tx, shape=state_lib.image_shape(config), mesh=parallel.make_mesh()
+  )
   state = checkpoint.restore(manager, abstract_state=abstract, step=step)
   params = jax.device_get(state.params if raw else state.ema_params)
   state_dict = diffusers_format.unet_state_dict(params, num_levels=len(config.model.ch_mult))
@@ -143,8 +171,12 @@ def export_diffusers(workdir: str, out: str, *, raw: bool = False, step: int = -
   os.makedirs(parent, exist_ok=True)
   staging = tempfile.mkdtemp(prefix=".export-", dir=parent)
   try:
-    diffusers_format.write_model_dir(os.path.join(staging, "model"), state_dict=state_dict,
-                                     unet_config=unet_config, scheduler_config=scheduler_config)
+    diffusers_format.write_model_dir(
+      os.path.join(staging, "model"),
+      state_dict=state_dict,
+      unet_config=unet_config,
+      scheduler_config=scheduler_config,
+    )
     if os.path.exists(out):  # empty, or overwrite=True
       os.replace(out, os.path.join(staging, "replaced"))
     os.replace(os.path.join(staging, "model"), out)

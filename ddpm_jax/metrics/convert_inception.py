@@ -23,33 +23,83 @@ from ddpm_jax import errors
 from ddpm_jax.metrics import inception
 
 # NVIDIA's TorchScript names -> torchvision / torch-fidelity names.
-_TS_STEM = {"conv": "Conv2d_1a_3x3", "conv_1": "Conv2d_2a_3x3", "conv_2": "Conv2d_2b_3x3",
-            "conv_3": "Conv2d_3b_1x1", "conv_4": "Conv2d_4a_3x3"}
-_TS_MIXED = ["Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e",
-             "Mixed_7a", "Mixed_7b", "Mixed_7c"]
+_TS_STEM = {
+  "conv": "Conv2d_1a_3x3",
+  "conv_1": "Conv2d_2a_3x3",
+  "conv_2": "Conv2d_2b_3x3",
+  "conv_3": "Conv2d_3b_1x1",
+  "conv_4": "Conv2d_4a_3x3",
+}
+_TS_MIXED = [
+  "Mixed_5b",
+  "Mixed_5c",
+  "Mixed_5d",
+  "Mixed_6a",
+  "Mixed_6b",
+  "Mixed_6c",
+  "Mixed_6d",
+  "Mixed_6e",
+  "Mixed_7a",
+  "Mixed_7b",
+  "Mixed_7c",
+]
 _TS_BLOCK = {
-    "A": {"conv": "branch1x1", "tower.conv": "branch5x5_1", "tower.conv_1": "branch5x5_2",
-          "tower_1.conv": "branch3x3dbl_1", "tower_1.conv_1": "branch3x3dbl_2",
-          "tower_1.conv_2": "branch3x3dbl_3", "tower_2.conv": "branch_pool"},
-    "B": {"conv": "branch3x3", "tower.conv": "branch3x3dbl_1", "tower.conv_1": "branch3x3dbl_2",
-          "tower.conv_2": "branch3x3dbl_3"},
-    "C": {"conv": "branch1x1", "tower.conv": "branch7x7_1", "tower.conv_1": "branch7x7_2",
-          "tower.conv_2": "branch7x7_3", "tower_1.conv": "branch7x7dbl_1", "tower_1.conv_1": "branch7x7dbl_2",
-          "tower_1.conv_2": "branch7x7dbl_3", "tower_1.conv_3": "branch7x7dbl_4",
-          "tower_1.conv_4": "branch7x7dbl_5", "tower_2.conv": "branch_pool"},
-    "D": {"tower.conv": "branch3x3_1", "tower.conv_1": "branch3x3_2", "tower_1.conv": "branch7x7x3_1",
-          "tower_1.conv_1": "branch7x7x3_2", "tower_1.conv_2": "branch7x7x3_3",
-          "tower_1.conv_3": "branch7x7x3_4"},
-    "E": {"conv": "branch1x1", "tower_conv": "branch3x3_1", "tower_mixed_conv": "branch3x3_2a",
-          "tower_mixed_conv_1": "branch3x3_2b", "tower_1_conv": "branch3x3dbl_1",
-          "tower_1_conv_1": "branch3x3dbl_2", "tower_1_mixed_conv": "branch3x3dbl_3a",
-          "tower_1_mixed_conv_1": "branch3x3dbl_3b", "tower_2_conv": "branch_pool"},
+  "A": {
+    "conv": "branch1x1",
+    "tower.conv": "branch5x5_1",
+    "tower.conv_1": "branch5x5_2",
+    "tower_1.conv": "branch3x3dbl_1",
+    "tower_1.conv_1": "branch3x3dbl_2",
+    "tower_1.conv_2": "branch3x3dbl_3",
+    "tower_2.conv": "branch_pool",
+  },
+  "B": {
+    "conv": "branch3x3",
+    "tower.conv": "branch3x3dbl_1",
+    "tower.conv_1": "branch3x3dbl_2",
+    "tower.conv_2": "branch3x3dbl_3",
+  },
+  "C": {
+    "conv": "branch1x1",
+    "tower.conv": "branch7x7_1",
+    "tower.conv_1": "branch7x7_2",
+    "tower.conv_2": "branch7x7_3",
+    "tower_1.conv": "branch7x7dbl_1",
+    "tower_1.conv_1": "branch7x7dbl_2",
+    "tower_1.conv_2": "branch7x7dbl_3",
+    "tower_1.conv_3": "branch7x7dbl_4",
+    "tower_1.conv_4": "branch7x7dbl_5",
+    "tower_2.conv": "branch_pool",
+  },
+  "D": {
+    "tower.conv": "branch3x3_1",
+    "tower.conv_1": "branch3x3_2",
+    "tower_1.conv": "branch7x7x3_1",
+    "tower_1.conv_1": "branch7x7x3_2",
+    "tower_1.conv_2": "branch7x7x3_3",
+    "tower_1.conv_3": "branch7x7x3_4",
+  },
+  "E": {
+    "conv": "branch1x1",
+    "tower_conv": "branch3x3_1",
+    "tower_mixed_conv": "branch3x3_2a",
+    "tower_mixed_conv_1": "branch3x3_2b",
+    "tower_1_conv": "branch3x3dbl_1",
+    "tower_1_conv_1": "branch3x3dbl_2",
+    "tower_1_mixed_conv": "branch3x3dbl_3a",
+    "tower_1_mixed_conv_1": "branch3x3dbl_3b",
+    "tower_2_conv": "branch_pool",
+  },
 }
 _TS_BLOCK_TYPE = "AAABCCCCDEE"
 # torchvision suffix -> (collection, Flax name) inside a BasicConv.
-_LAYER_VARS = {"conv.weight": ("params", "conv/kernel"), "bn.weight": ("params", "bn/scale"),
-               "bn.bias": ("params", "bn/bias"), "bn.running_mean": ("batch_stats", "bn/mean"),
-               "bn.running_var": ("batch_stats", "bn/var")}
+_LAYER_VARS = {
+  "conv.weight": ("params", "conv/kernel"),
+  "bn.weight": ("params", "bn/scale"),
+  "bn.bias": ("params", "bn/bias"),
+  "bn.running_mean": ("batch_stats", "bn/mean"),
+  "bn.running_var": ("batch_stats", "bn/var"),
+}
 
 
 def _torchscript_names() -> dict[str, str]:
@@ -75,15 +125,19 @@ def torchvision_from_torchscript(state: dict) -> dict:
       out[f"{tv}.bn.running_mean"] = state.pop(f"{ts}.mean")
       out[f"{tv}.bn.running_var"] = state.pop(f"{ts}.var")
     except KeyError as e:
-      raise errors.ConfigError(f"The TorchScript file has no {e.args[0]!r}; is it NVIDIA's FID Inception "
-                       "(inception-2015-12-05.pt)?") from None
+      raise errors.ConfigError(
+        f"The TorchScript file has no {e.args[0]!r}; is it NVIDIA's FID Inception "
+        "(inception-2015-12-05.pt)?"
+      ) from None
     out[f"{tv}.bn.weight"] = np.ones_like(out[f"{tv}.bn.bias"])
   for suffix in ("weight", "bias"):  # NVIDIA's classifier, when the file has one
     if f"output.{suffix}" in state:
       out[f"fc.{suffix}"] = state.pop(f"output.{suffix}")
   if state:
-    raise errors.ConfigError(f"The TorchScript file has {len(state)} weights that the FID Inception network does "
-                     f"not have, e.g. {sorted(state)[:3]}.")
+    raise errors.ConfigError(
+      f"The TorchScript file has {len(state)} weights that the FID Inception network does "
+      f"not have, e.g. {sorted(state)[:3]}."
+    )
   return out
 
 
@@ -100,7 +154,7 @@ def flax_from_torchvision(state: dict, *, source: str) -> dict:
     var = next((v for v in _LAYER_VARS if key.endswith("." + v)), None)
     if var is None:
       raise errors.ConfigError(f"{source}: {key!r} is not a weight of the FID Inception network.")
-    module = key[:-len(var) - 1]
+    module = key[: -len(var) - 1]
     collection, name = _LAYER_VARS[var]
     if name.endswith("kernel"):
       value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
@@ -120,8 +174,10 @@ def _import_torch():
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
-    raise errors.ConfigError("Reading .pth / TorchScript Inception weights needs PyTorch, which is not installed; "
-                     "`pip install torch` (CPU is enough), convert once, and evaluate without it.") from None
+    raise errors.ConfigError(
+      "Reading .pth / TorchScript Inception weights needs PyTorch, which is not installed; "
+      "`pip install torch` (CPU is enough), convert once, and evaluate without it."
+    ) from None
   return torch
 
 
@@ -143,8 +199,10 @@ def read_torch_weights(src: str) -> dict:
   except ValueError:
     raise
   except Exception as e:  # pylint: disable=broad-except  (torch's loaders raise many kinds on a bad file)
-    raise errors.ConfigError(f"{source} is not a PyTorch state dict or TorchScript file ({type(e).__name__}: "
-                     f"{str(e)[:200]}).") from None
+    raise errors.ConfigError(
+      f"{source} is not a PyTorch state dict or TorchScript file ({type(e).__name__}: "
+      f"{str(e)[:200]})."
+    ) from None
   return flax_from_torchvision(state, source=source)
 
 
@@ -159,8 +217,10 @@ def check_hash_in_name(src: str) -> None:
     for block in iter(lambda: f.read(1 << 20), b""):
       digest.update(block)
   if not digest.hexdigest().startswith(match.group(1)):
-    raise errors.ConfigError(f"{src!r} has sha256 {digest.hexdigest()[:16]}..., not the {match.group(1)}... its name "
-                     "promises: the download is incomplete or corrupted; fetch it again.")
+    raise errors.ConfigError(
+      f"{src!r} has sha256 {digest.hexdigest()[:16]}..., not the {match.group(1)}... its name "
+      "promises: the download is incomplete or corrupted; fetch it again."
+    )
 
 
 def convert_weights(src: str, out_npz: str) -> inception.InceptionParams:
@@ -175,15 +235,23 @@ def convert_weights(src: str, out_npz: str) -> inception.InceptionParams:
 
 def main(argv) -> int:
   if len(argv) != 3:
-    print("usage: python -m ddpm_jax.metrics.convert_inception SRC(.pth|.pt) OUT.npz", file=sys.stderr)
+    print(
+      "usage: python -m ddpm_jax.metrics.convert_inception SRC(.pth|.pt) OUT.npz", file=sys.stderr
+    )
     return 2
   try:
     params = convert_weights(argv[1], argv[2])
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  print(f"wrote {argv[2]}: weights hash {params.weights_hash}, "
-        + ("pool3 and logits (FID and IS)." if params.has_logits else "pool3 only (FID; no Inception Score)."))
+  print(
+    f"wrote {argv[2]}: weights hash {params.weights_hash}, "
+    + (
+      "pool3 and logits (FID and IS)."
+      if params.has_logits
+      else "pool3 only (FID; no Inception Score)."
+    )
+  )
   return 0
 
 

@@ -26,6 +26,7 @@ CONVENTION_KEYS = ("weights_hash", "resize")
 
 class FeatureSums(NamedTuple):
   """Running float64 sums of features x: n, sum x, sum x x^T."""
+
   count: int
   total: np.ndarray
   total_outer: np.ndarray
@@ -33,6 +34,7 @@ class FeatureSums(NamedTuple):
 
 class Stats(NamedTuple):
   """Mean and covariance of pool3 features, the number of images, and the recorded metadata."""
+
   mu: np.ndarray
   sigma: np.ndarray
   count: int
@@ -68,7 +70,9 @@ def stats_from_features(features, *, meta: dict) -> Stats:
   return stats_from_sums(accumulate(feature_sums(np.shape(features)[1]), features), meta=meta)
 
 
-def stats_and_logits(feature_fn, batches, *, meta: dict, total: int | None = None, progress: bool = False):
+def stats_and_logits(
+  feature_fn, batches, *, meta: dict, total: int | None = None, progress: bool = False
+):
   """Streams uint8 image batches through `feature_fn` (inception.make_feature_fn): (Stats, IS logits).
 
   Only the running sums and the IS logits (None without a classifier) are kept, never the images.
@@ -82,7 +86,9 @@ def stats_and_logits(feature_fn, batches, *, meta: dict, total: int | None = Non
         logits.append(batch_logits)
       bar.update(len(batch))
   if sums is None:
-    raise errors.ConfigError(f"No images to compute statistics of ({meta.get('dataset', 'input')}).")
+    raise errors.ConfigError(
+      f"No images to compute statistics of ({meta.get('dataset', 'input')})."
+    )
   return stats_from_sums(sums, meta=meta), (np.concatenate(logits) if logits else None)
 
 
@@ -102,11 +108,19 @@ def save_stats(path: str, stats: Stats | FeatureSums, *, meta: dict | None = Non
     stats = stats._replace(meta=dict(stats.meta, **(meta or {})))
   missing = [k for k in CONVENTION_KEYS if k not in stats.meta]
   if missing:
-    raise errors.ConfigError(f"Statistics for {path!r} lack the convention keys {missing} in their metadata.")
+    raise errors.ConfigError(
+      f"Statistics for {path!r} lack the convention keys {missing} in their metadata."
+    )
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "wb") as f:
-    np.savez(f, format=np.array(STATS_FORMAT), mu=stats.mu, sigma=stats.sigma, count=np.array(stats.count),
-             meta=np.array(json.dumps(stats.meta, sort_keys=True)))
+    np.savez(
+      f,
+      format=np.array(STATS_FORMAT),
+      mu=stats.mu,
+      sigma=stats.sigma,
+      count=np.array(stats.count),
+      meta=np.array(json.dumps(stats.meta, sort_keys=True)),
+    )
   return path
 
 
@@ -133,7 +147,9 @@ def load_stats(path: str) -> Stats:
   except (OSError, json.JSONDecodeError) as e:
     raise errors.ConfigError(f"{path!r} is not a readable statistics .npz ({e}).") from None
   if mu.ndim != 1 or sigma.shape != (mu.shape[0],) * 2:
-    raise errors.ConfigError(f"{path!r}: mu {mu.shape} and sigma {sigma.shape} are not a mean and its covariance.")
+    raise errors.ConfigError(
+      f"{path!r}: mu {mu.shape} and sigma {sigma.shape} are not a mean and its covariance."
+    )
   return Stats(mu, sigma, count, dict(meta, source=path))
 
 
@@ -144,15 +160,19 @@ def check_same_convention(a: Stats, b: Stats, *, trust_unlabelled: bool = False)
   """
   for stats in (a, b):
     if not any(k in stats.meta for k in CONVENTION_KEYS) and not trust_unlabelled:
-      raise errors.ConfigError(f"Statistics {_name(stats)} record no Inception weights hash or resize convention, "
-                       "so they cannot be checked against the other side; recompute them with this "
-                       "project, or pass --trust_unlabelled_stats if you know they match.")
+      raise errors.ConfigError(
+        f"Statistics {_name(stats)} record no Inception weights hash or resize convention, "
+        "so they cannot be checked against the other side; recompute them with this "
+        "project, or pass --trust_unlabelled_stats if you know they match."
+      )
   if not all(any(k in s.meta for k in CONVENTION_KEYS) for s in (a, b)):
     return
   for key in CONVENTION_KEYS:
     if a.meta.get(key) != b.meta.get(key):
-      raise errors.ConfigError(f"The statistics differ in {key}: {a.meta.get(key)!r} ({_name(a)}) vs "
-                       f"{b.meta.get(key)!r} ({_name(b)}); FID between them would be meaningless.")
+      raise errors.ConfigError(
+        f"The statistics differ in {key}: {a.meta.get(key)!r} ({_name(a)}) vs "
+        f"{b.meta.get(key)!r} ({_name(b)}); FID between them would be meaningless."
+      )
 
 
 def _name(stats: Stats) -> str:
@@ -171,21 +191,29 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, *, eps: float = 1e-6) -> float:
   when the imaginary part of its diagonal is negligible (< 1e-3), else it is an error.
   """
   mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-  sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+  sigma1, sigma2 = (
+    np.atleast_2d(np.asarray(sigma1, np.float64)),
+    np.atleast_2d(np.asarray(sigma2, np.float64)),
+  )
   if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
-    raise errors.ConfigError(f"Mismatched statistics: mu {mu1.shape} / {mu2.shape}, sigma {sigma1.shape} / "
-                     f"{sigma2.shape}.")
+    raise errors.ConfigError(
+      f"Mismatched statistics: mu {mu1.shape} / {mu2.shape}, sigma {sigma1.shape} / {sigma2.shape}."
+    )
   diff = mu1 - mu2
   covmean = _sqrtm(sigma1 @ sigma2)
   if not np.isfinite(covmean).all():
-    logging.warning("FID: the product of the covariances is singular; adding %g to their diagonals.", eps)
+    logging.warning(
+      "FID: the product of the covariances is singular; adding %g to their diagonals.", eps
+    )
     offset = np.eye(sigma1.shape[0]) * eps
     covmean = _sqrtm((sigma1 + offset) @ (sigma2 + offset))
   if np.iscomplexobj(covmean):
     imaginary = np.abs(np.diagonal(covmean).imag).max()
     if imaginary > 1e-3:
-      raise ValueError(f"FID: the square root of the covariance product has an imaginary component "
-                       f"{imaginary:.3g}; the statistics are not valid covariances.")
+      raise ValueError(
+        f"FID: the square root of the covariance product has an imaginary component "
+        f"{imaginary:.3g}; the statistics are not valid covariances."
+      )
     covmean = covmean.real
   return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
@@ -203,13 +231,19 @@ def fid_from_stats(a: Stats, b: Stats, *, trust_unlabelled: bool = False) -> flo
   dim = a.mu.shape[0]
   for stats in (a, b):
     if 0 < stats.count <= dim:
-      logging.warning("FID from %d images of %s, not more than the %d feature dimensions: its covariance is "
-                      "singular and the value is biased (the paper uses 50,000 samples).", stats.count,
-                      _name(stats), dim)
+      logging.warning(
+        "FID from %d images of %s, not more than the %d feature dimensions: its covariance is "
+        "singular and the value is biased (the paper uses 50,000 samples).",
+        stats.count,
+        _name(stats),
+        dim,
+      )
   return frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
 
 
-def inception_score(logits, splits: int = 10, *, shuffle: bool = True, seed: int = 2020) -> tuple[float, float]:
+def inception_score(
+  logits, splits: int = 10, *, shuffle: bool = True, seed: int = 2020
+) -> tuple[float, float]:
   """Inception Score (mean, std over `splits`) of IS logits [N, 1008], as torch-fidelity computes it.
 
   The logits are pool3 @ W without the bias (torch-fidelity's `logits_unbiased`, the OpenAI code's
@@ -219,14 +253,16 @@ def inception_score(logits, splits: int = 10, *, shuffle: bool = True, seed: int
   """
   logits = np.asarray(logits, np.float64)
   if logits.ndim != 2 or len(logits) < splits:
-    raise errors.ConfigError(f"The Inception Score needs at least {splits} rows of logits, got shape {logits.shape}.")
+    raise errors.ConfigError(
+      f"The Inception Score needs at least {splits} rows of logits, got shape {logits.shape}."
+    )
   n = len(logits)
   if shuffle:
     logits = logits[np.random.RandomState(seed).permutation(n)]
   log_p = scipy.special.log_softmax(logits, axis=1)
   scores = []
   for i in range(splits):
-    chunk = log_p[i * n // splits:(i + 1) * n // splits]
+    chunk = log_p[i * n // splits : (i + 1) * n // splits]
     log_marginal = np.log(np.exp(chunk).mean(axis=0, keepdims=True))
     kl = (np.exp(chunk) * (chunk - log_marginal)).sum(axis=1)
     scores.append(np.exp(kl.mean()))

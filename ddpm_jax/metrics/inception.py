@@ -37,6 +37,7 @@ _PRECISION = jax.lax.Precision.HIGHEST
 
 class BasicConv(nn.Module):
   """Convolution without bias, batch norm (eps 1e-3, inference statistics), ReLU."""
+
   features: int
   kernel: tuple[int, int]
   strides: int = 1
@@ -44,8 +45,15 @@ class BasicConv(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    x = nn.Conv(self.features, self.kernel, strides=self.strides, padding=[(p, p) for p in self.padding],
-                use_bias=False, precision=_PRECISION, name="conv")(x)
+    x = nn.Conv(
+      self.features,
+      self.kernel,
+      strides=self.strides,
+      padding=[(p, p) for p in self.padding],
+      use_bias=False,
+      precision=_PRECISION,
+      name="conv",
+    )(x)
     x = nn.BatchNorm(use_running_average=True, epsilon=1e-3, name="bn")(x)
     return nn.relu(x)
 
@@ -88,6 +96,7 @@ class InceptionB(nn.Module):
 
 class InceptionC(nn.Module):
   """Factorised 7x7 convolutions at 17x17."""
+
   channels_7x7: int
 
   @nn.compact
@@ -123,6 +132,7 @@ class InceptionD(nn.Module):
 
 class InceptionE(nn.Module):
   """Expanded filter bank at 8x8; the TF graph's second one (Mixed_7c) max-pools its pool branch."""
+
   pool: str  # "avg" or "max"
 
   @nn.compact
@@ -130,10 +140,16 @@ class InceptionE(nn.Module):
     row, col = dict(kernel=(1, 3), padding=(0, 1)), dict(kernel=(3, 1), padding=(1, 0))
     b1 = BasicConv(320, (1, 1), name="branch1x1")(x)
     b3 = BasicConv(384, (1, 1), name="branch3x3_1")(x)
-    b3 = [BasicConv(384, **row, name="branch3x3_2a")(b3), BasicConv(384, **col, name="branch3x3_2b")(b3)]
+    b3 = [
+      BasicConv(384, **row, name="branch3x3_2a")(b3),
+      BasicConv(384, **col, name="branch3x3_2b")(b3),
+    ]
     bd = BasicConv(448, (1, 1), name="branch3x3dbl_1")(x)
     bd = BasicConv(384, (3, 3), padding=(1, 1), name="branch3x3dbl_2")(bd)
-    bd = [BasicConv(384, **row, name="branch3x3dbl_3a")(bd), BasicConv(384, **col, name="branch3x3dbl_3b")(bd)]
+    bd = [
+      BasicConv(384, **row, name="branch3x3dbl_3a")(bd),
+      BasicConv(384, **col, name="branch3x3dbl_3b")(bd),
+    ]
     if self.pool == "avg":
       pooled = _avg_pool_3x3(x)
     else:
@@ -156,6 +172,7 @@ class Logits(nn.Module):
 class InceptionV3(nn.Module):
   """float32 [N, 299, 299, 3] in [-1, 1] -> {"pool3": [N, 2048], and with_logits: "logits_unbiased",
   "logits": [N, 1008]}."""
+
   with_logits: bool = True
 
   @nn.compact
@@ -191,6 +208,7 @@ class InceptionV3(nn.Module):
 class InceptionParams(NamedTuple):
   """Weights as loaded: the Flax variables, whether the classifier (needed for IS) is there, and
   `weights_hash`, which every statistics file records."""
+
   variables: dict
   has_logits: bool
   weights_hash: str
@@ -213,14 +231,20 @@ def check_arrays(arrays: dict, *, source: str) -> bool:
   expected = expected_shapes()
   unknown = sorted(set(arrays) - set(expected))
   if unknown:
-    raise errors.ConfigError(f"{source} has {len(unknown)} arrays the FID Inception network does not have, "
-                     f"e.g. {unknown[:3]}.")
+    raise errors.ConfigError(
+      f"{source} has {len(unknown)} arrays the FID Inception network does not have, "
+      f"e.g. {unknown[:3]}."
+    )
   missing = sorted(k for k in expected if k not in arrays and not is_logits_key(k))
   if missing:
-    raise errors.ConfigError(f"{source} lacks {len(missing)} arrays of the FID Inception network, e.g. {missing[:3]}.")
+    raise errors.ConfigError(
+      f"{source} lacks {len(missing)} arrays of the FID Inception network, e.g. {missing[:3]}."
+    )
   for key, value in arrays.items():
     if tuple(value.shape) != expected[key]:
-      raise errors.ConfigError(f"{source}: {key} has shape {tuple(value.shape)}, the network needs {expected[key]}.")
+      raise errors.ConfigError(
+        f"{source}: {key} has shape {tuple(value.shape)}, the network needs {expected[key]}."
+      )
   logits = [k for k in expected if is_logits_key(k)]
   present = [k in arrays for k in logits]
   if any(present) and not all(present):
@@ -243,16 +267,20 @@ def hash_arrays(arrays: dict) -> str:
 
 def _read_npz(path: str) -> dict:
   if not os.path.isfile(path):
-    raise errors.ConfigError(f"Inception weights file {path!r} does not exist; convert one with "
-                     "`python -m ddpm_jax.metrics.convert_inception SRC OUT.npz` (see the README).")
+    raise errors.ConfigError(
+      f"Inception weights file {path!r} does not exist; convert one with "
+      "`python -m ddpm_jax.metrics.convert_inception SRC OUT.npz` (see the README)."
+    )
   try:
     with np.load(path, allow_pickle=False) as npz:
       arrays = {k: npz[k] for k in npz.files}
   except (OSError, ValueError) as e:
     raise errors.ConfigError(f"{path!r} is not a readable .npz weights file ({e}).") from None
   if str(arrays.pop("format", "")) != FORMAT:
-    raise errors.ConfigError(f"{path!r} is not an Inception weights file of this project; convert the .pth / "
-                     "TorchScript file with `python -m ddpm_jax.metrics.convert_inception SRC OUT.npz`.")
+    raise errors.ConfigError(
+      f"{path!r} is not an Inception weights file of this project; convert the .pth / "
+      "TorchScript file with `python -m ddpm_jax.metrics.convert_inception SRC OUT.npz`."
+    )
   arrays.pop("source", None)
   return arrays
 
@@ -261,9 +289,12 @@ def load_params(path: str) -> InceptionParams:
   """Reads and validates a weights .npz; ConfigError naming the file when it is not one."""
   arrays = _read_npz(path)
   has_logits = check_arrays(arrays, source=repr(path))
-  variables = traverse_util.unflatten_dict({tuple(k.split("/")): jnp.asarray(v, jnp.float32)
-                                            for k, v in arrays.items()})
-  return InceptionParams(variables=variables, has_logits=has_logits, weights_hash=hash_arrays(arrays))
+  variables = traverse_util.unflatten_dict(
+    {tuple(k.split("/")): jnp.asarray(v, jnp.float32) for k, v in arrays.items()}
+  )
+  return InceptionParams(
+    variables=variables, has_logits=has_logits, weights_hash=hash_arrays(arrays)
+  )
 
 
 def weights_hash(path: str) -> str:
@@ -276,8 +307,12 @@ def save_params(path: str, arrays: dict, *, source: str) -> str:
   check_arrays(arrays, source=source)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "wb") as f:
-    np.savez(f, format=np.array(FORMAT), source=np.array(source),
-             **{k: np.asarray(v, np.float32) for k, v in arrays.items()})
+    np.savez(
+      f,
+      format=np.array(FORMAT),
+      source=np.array(source),
+      **{k: np.asarray(v, np.float32) for k, v in arrays.items()},
+    )
   return path
 
 
@@ -290,12 +325,15 @@ def _as_nhwc_uint8(images) -> np.ndarray:
   if images.ndim == 3:
     images = images[..., None]
   if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-    raise errors.ConfigError(f"Inception input must be uint8 [N, H, W, 1 or 3] images, got {images.dtype} "
-                     f"{images.shape}.")
+    raise errors.ConfigError(
+      f"Inception input must be uint8 [N, H, W, 1 or 3] images, got {images.dtype} {images.shape}."
+    )
   return images
 
 
-def make_feature_fn(params: InceptionParams, *, resize: str = "tf", mesh=None, batch_size: int = 64):
+def make_feature_fn(
+  params: InceptionParams, *, resize: str = "tf", mesh=None, batch_size: int = 64
+):
   """Returns `features(images, *, progress=False) -> (pool3, logits)` for uint8 [N, H, W, 1|3] images.
 
   pool3 is float64 [N, 2048]; logits are the IS logits (pool3 @ W, no bias: `logits_unbiased`) as
@@ -315,8 +353,12 @@ def make_feature_fn(params: InceptionParams, *, resize: str = "tf", mesh=None, b
     out = model.apply(variables, preprocess.inception_input(images, resize=resize))
     return out["pool3"], out.get("logits_unbiased", jnp.zeros((images.shape[0], 0)))
 
-  step = parallel.data_parallel(per_device, mesh, in_specs=(P(), P(parallel.AXIS)),
-                                out_specs=(P(parallel.AXIS), P(parallel.AXIS)))
+  step = parallel.data_parallel(
+    per_device,
+    mesh,
+    in_specs=(P(), P(parallel.AXIS)),
+    out_specs=(P(parallel.AXIS), P(parallel.AXIS)),
+  )
 
   def valid_rows(x, n):
     x = parallel.to_host(x).astype(np.float64)
@@ -328,10 +370,12 @@ def make_feature_fn(params: InceptionParams, *, resize: str = "tf", mesh=None, b
     pool3, logits, pending = [], [], None
     with tqdm.tqdm(total=len(images), unit="img", desc="Inception", disable=not progress) as bar:
       for start in range(0, len(images), local_batch):
-        chunk = images[start:start + local_batch]
+        chunk = images[start : start + local_batch]
         padded = np.zeros((local_batch,) + images.shape[1:], np.uint8)
-        padded[:len(chunk)] = chunk
-        outputs = step(variables, parallel.global_batch(padded, mesh))  # dispatched; runs while we copy
+        padded[: len(chunk)] = chunk
+        outputs = step(
+          variables, parallel.global_batch(padded, mesh)
+        )  # dispatched; runs while we copy
         if pending is not None:
           _collect(pending, pool3, logits, valid_rows, bar)
         pending = (outputs, len(chunk))

@@ -29,7 +29,9 @@ def _tf1_taps(in_size: int, out_size: int):
 def _torch_taps(in_size: int, out_size: int):
   """Source rows of PyTorch bilinear resizing (align_corners=False): half-pixel centres, clamped at 0."""
   scale = np.float32(in_size / out_size)
-  src = np.maximum((np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5), 0)
+  src = np.maximum(
+    (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5), 0
+  )
   lo = np.minimum(src.astype(np.int32), in_size - 1)
   hi = np.minimum(lo + 1, in_size - 1)
   return lo, hi, (src - lo.astype(np.float32)).astype(np.float32)

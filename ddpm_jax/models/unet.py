@@ -50,8 +50,15 @@ def timestep_embedding(t, dim):
 def _conv(features, *, name, dtype, kernel=3, strides=1, padding=1, init_scale=1.0):
   """A square conv with the official init (zero bias); `padding` is symmetric or explicit pairs."""
   pad = ((padding, padding), (padding, padding)) if isinstance(padding, int) else padding
-  return nn.Conv(features, (kernel, kernel), strides=strides, padding=pad, name=name, dtype=dtype,
-                 kernel_init=default_init(init_scale))
+  return nn.Conv(
+    features,
+    (kernel, kernel),
+    strides=strides,
+    padding=pad,
+    name=name,
+    dtype=dtype,
+    kernel_init=default_init(init_scale),
+  )
 
 
 @jax.custom_vjp
@@ -79,6 +86,7 @@ class Dense(nn.Module):
   """`nn.Dense` over the last axis, the same function and parameters ('kernel' [in, out], 'bias'),
   computed by `dense` (its gradient written out). Parameters float32, computation in `dtype`; in
   bfloat16 the bias gradient's sum accumulates in float32 (autodiff of nn.Dense sums in bfloat16)."""
+
   features: int
   dtype: Any = jnp.float32
   kernel_init: Any = nn.initializers.lecun_normal()
@@ -131,7 +139,9 @@ def _group_norm_bwd(residuals, g):
   count = height * width * (c // NUM_GROUPS)
   x_hat = (x - mean) * rstd
   sum_g, sum_g_xhat = g.sum(axis=(1, 2)), (g * x_hat).sum(axis=(1, 2))  # [B, C]
-  dx = rstd * (g * scale - _group_mean(sum_g * scale, count) - x_hat * _group_mean(sum_g_xhat * scale, count))
+  dx = rstd * (
+    g * scale - _group_mean(sum_g * scale, count) - x_hat * _group_mean(sum_g_xhat * scale, count)
+  )
   return dx, sum_g_xhat.sum(axis=0), sum_g.sum(axis=0)
 
 
@@ -146,6 +156,7 @@ class GroupNorm(nn.Module):
   [B, H*W, G, C/G] view, and the gradient is the closed form (`group_norm`); README "Performance"
   says what each bought.
   """
+
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -168,6 +179,7 @@ class Dropout(nn.Module):
   it does not depend on which other examples share the batch or the device, without vmapping the
   network over examples (which XLA runs far slower). Without, the mask comes from the 'dropout' rng.
   """
+
   rate: float
 
   @nn.compact
@@ -180,21 +192,28 @@ class Dropout(nn.Module):
     else:
       assert keys.shape == x.shape[:1], (keys.shape, x.shape)
       layer = zlib.crc32("/".join(self.scope.path).encode()) & 0x7FFFFFFF
-      mask = jax.vmap(lambda k: jax.random.bernoulli(jax.random.fold_in(k, layer), keep, x.shape[1:]))(keys)
+      mask = jax.vmap(
+        lambda k: jax.random.bernoulli(jax.random.fold_in(k, layer), keep, x.shape[1:])
+      )(keys)
     return jax.lax.select(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
 
 
 class ResnetBlock(nn.Module):
   """GN-swish-conv, + Dense(swish(temb)), GN-swish-dropout-conv(near zero), + (nin) shortcut."""
+
   out_ch: int
   dropout: float
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, temb, train: bool, dropout_keys=None):  # positional: nn.remat marks train static
+  def __call__(
+    self, x, temb, train: bool, dropout_keys=None
+  ):  # positional: nn.remat marks train static
     h = nn.swish(_group_norm(name="norm1", dtype=self.dtype)(x))
     h = _conv(self.out_ch, name="conv1", dtype=self.dtype)(h)
-    h = h + _dense(self.out_ch, name="temb_proj", dtype=self.dtype)(nn.swish(temb))[:, None, None, :]
+    h = (
+      h + _dense(self.out_ch, name="temb_proj", dtype=self.dtype)(nn.swish(temb))[:, None, None, :]
+    )
     h = nn.swish(_group_norm(name="norm2", dtype=self.dtype)(h))
     h = Dropout(self.dropout, name="dropout")(h, deterministic=not train, keys=dropout_keys)
     h = _conv(self.out_ch, name="conv2", dtype=self.dtype, init_scale=0.0)(h)
@@ -203,7 +222,9 @@ class ResnetBlock(nn.Module):
     return x + h
 
 
-def attention_implementation(*, platform: str, compute_capability: str | None, dtype, head_dim: int) -> str:
+def attention_implementation(
+  *, platform: str, compute_capability: str | None, dtype, head_dim: int
+) -> str:
   """Which `jax.nn.dot_product_attention` backend to use: 'cudnn' (fused flash attention) where cuDNN
   takes the call (an NVIDIA GPU of compute capability >= 8.0, 16-bit inputs, a head dim that is a
   multiple of 8 and at most 128, or 256 from Hopper on), else 'xla' (the explicit softmax formulation)."""
@@ -214,14 +235,20 @@ def attention_implementation(*, platform: str, compute_capability: str | None, d
   except ValueError:  # not a CUDA device (ROCm reports e.g. 'gfx90a')
     return "xla"
   max_head_dim = 256 if capability >= (9, 0) else 128
-  return "cudnn" if capability >= (8, 0) and head_dim % 8 == 0 and head_dim <= max_head_dim else "xla"
+  return (
+    "cudnn" if capability >= (8, 0) and head_dim % 8 == 0 and head_dim <= max_head_dim else "xla"
+  )
 
 
 def _device_attention_implementation(dtype, head_dim: int) -> str:
   """attention_implementation() for the default device (the one jit places this computation on)."""
   device = jax.devices()[0]
-  return attention_implementation(platform=device.platform, dtype=dtype, head_dim=head_dim,
-                                  compute_capability=getattr(device, "compute_capability", None))
+  return attention_implementation(
+    platform=device.platform,
+    dtype=dtype,
+    head_dim=head_dim,
+    compute_capability=getattr(device, "compute_capability", None),
+  )
 
 
 class AttnBlock(nn.Module):
@@ -230,6 +257,7 @@ class AttnBlock(nn.Module):
   softmax(q k^T / sqrt(C)) v via `jax.nn.dot_product_attention`: logits and softmax in float32 and
   cuDNN's fused kernel on GPUs that take it (see attention_implementation).
   """
+
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -237,13 +265,20 @@ class AttnBlock(nn.Module):
     b, height, width, c = x.shape
     h = _group_norm(name="norm", dtype=self.dtype)(x)
     # [B, H*W, 1 head, C]: the layout dot_product_attention takes (batch, length, heads, head dim).
-    q, k, v = (_dense(c, name=n, dtype=self.dtype)(h).reshape(b, height * width, 1, c) for n in "qkv")
-    h = jax.nn.dot_product_attention(q, k, v, implementation=_device_attention_implementation(q.dtype, c))
-    return x + _dense(c, name="proj_out", dtype=self.dtype, init_scale=0.0)(h.reshape(b, height, width, c))
+    q, k, v = (
+      _dense(c, name=n, dtype=self.dtype)(h).reshape(b, height * width, 1, c) for n in "qkv"
+    )
+    h = jax.nn.dot_product_attention(
+      q, k, v, implementation=_device_attention_implementation(q.dtype, c)
+    )
+    return x + _dense(c, name="proj_out", dtype=self.dtype, init_scale=0.0)(
+      h.reshape(b, height, width, c)
+    )
 
 
 class Downsample(nn.Module):
   """Halves H and W: conv3x3 stride 2 with TF 'SAME' padding, or 2x2 average pooling."""
+
   with_conv: bool
   dtype: Any = jnp.float32
 
@@ -261,6 +296,7 @@ class Downsample(nn.Module):
 
 class Upsample(nn.Module):
   """Doubles H and W: nearest neighbour, then conv3x3 if with_conv."""
+
   with_conv: bool
   dtype: Any = jnp.float32
 
@@ -274,6 +310,7 @@ class Upsample(nn.Module):
 
 class UNet(nn.Module):
   """The DDPM U-Net: x [B,H,W,C] in [-1,1] and integer t [B] -> float32 [B,H,W,out_ch]."""
+
   ch: int
   out_ch: int
   ch_mult: tuple[int, ...]
@@ -282,7 +319,9 @@ class UNet(nn.Module):
   dropout: float
   resamp_with_conv: bool = True
   dtype: Any = jnp.float32
-  remat: bool = False  # recompute each block's activations in the backward pass (memory for compute)
+  remat: bool = (
+    False  # recompute each block's activations in the backward pass (memory for compute)
+  )
 
   @nn.compact
   def __call__(self, x, t, *, train: bool, dropout_keys=None):
@@ -312,7 +351,9 @@ class UNet(nn.Module):
     skips = [h]
     for level, mult in enumerate(self.ch_mult):
       for i in range(self.num_res_blocks):
-        h = self._level_block(h, temb, prefix=f"down_{level}", index=i, out_ch=self.ch * mult, mode=mode)
+        h = self._level_block(
+          h, temb, prefix=f"down_{level}", index=i, out_ch=self.ch * mult, mode=mode
+        )
         skips.append(h)
       if level != len(self.ch_mult) - 1:
         h = Downsample(self.resamp_with_conv, dtype=self.dtype, name=f"down_{level}_downsample")(h)
@@ -332,8 +373,9 @@ class UNet(nn.Module):
     for level in reversed(range(len(self.ch_mult))):
       for i in range(self.num_res_blocks + 1):
         h = jnp.concatenate([h, skips.pop()], axis=-1)
-        h = self._level_block(h, temb, prefix=f"up_{level}", index=i, out_ch=self.ch * self.ch_mult[level],
-                              mode=mode)
+        h = self._level_block(
+          h, temb, prefix=f"up_{level}", index=i, out_ch=self.ch * self.ch_mult[level], mode=mode
+        )
       if level != 0:
         h = Upsample(self.resamp_with_conv, dtype=self.dtype, name=f"up_{level}_upsample")(h)
     assert not skips, len(skips)
@@ -342,7 +384,9 @@ class UNet(nn.Module):
   def _level_block(self, h, temb, *, prefix, index, out_ch, mode):
     """`{prefix}_block_{index}`, then `{prefix}_attn_{index}` at attention resolutions."""
     resnet, attn = self._block_classes()
-    h = resnet(out_ch, self.dropout, dtype=self.dtype, name=f"{prefix}_block_{index}")(h, temb, *mode)
+    h = resnet(out_ch, self.dropout, dtype=self.dtype, name=f"{prefix}_block_{index}")(
+      h, temb, *mode
+    )
     if h.shape[1] in self.attn_resolutions:
       h = attn(dtype=self.dtype, name=f"{prefix}_attn_{index}")(h)
     return h
@@ -354,8 +398,9 @@ class UNet(nn.Module):
     return nn.remat(ResnetBlock, static_argnums=(3,)), nn.remat(AttnBlock)
 
 
-def _check_model_config(*, ch, ch_mult, num_res_blocks, attn_resolutions, dropout, dtype, image_size,
-                        num_channels):
+def _check_model_config(
+  *, ch, ch_mult, num_res_blocks, attn_resolutions, dropout, dtype, image_size, num_channels
+):
   """Raises ConfigError, naming the offending value, for a config this U-Net cannot be built from."""
   if not ch_mult:
     raise ConfigError("model.ch_mult is empty; the U-Net needs at least one level.")
@@ -371,30 +416,46 @@ def _check_model_config(*, ch, ch_mult, num_res_blocks, attn_resolutions, dropou
     raise ConfigError(f"data.num_channels={num_channels} must be at least 1.")
   for channels in (ch, *(ch * m for m in ch_mult)):
     if channels < 1 or channels % NUM_GROUPS:
-      raise ConfigError(f"model.ch={ch} with model.ch_mult={ch_mult} gives {channels} channels, which is not "
-                       f"a positive multiple of the {NUM_GROUPS} GroupNorm groups.")
+      raise ConfigError(
+        f"model.ch={ch} with model.ch_mult={ch_mult} gives {channels} channels, which is not "
+        f"a positive multiple of the {NUM_GROUPS} GroupNorm groups."
+      )
   factor = 2 ** (len(ch_mult) - 1)
   if image_size < factor or image_size % factor:
-    raise ConfigError(f"data.image_size={image_size} must be a positive multiple of {factor} = "
-                     f"2**(len(model.ch_mult) - 1) for a {len(ch_mult)}-level U-Net.")
+    raise ConfigError(
+      f"data.image_size={image_size} must be a positive multiple of {factor} = "
+      f"2**(len(model.ch_mult) - 1) for a {len(ch_mult)}-level U-Net."
+    )
   resolutions = level_resolutions(image_size, len(ch_mult))
   for res in attn_resolutions:
     if res not in resolutions:
-      raise ConfigError(f"model.attn_resolutions contains {res}, which never occurs in this U-Net; "
-                       f"its resolutions are {resolutions}.")
+      raise ConfigError(
+        f"model.attn_resolutions contains {res}, which never occurs in this U-Net; "
+        f"its resolutions are {resolutions}."
+      )
 
 
-def create_model(model_config, *, image_size: int, num_channels: int, learned_variance: bool) -> UNet:
+def create_model(
+  model_config, *, image_size: int, num_channels: int, learned_variance: bool
+) -> UNet:
   """Builds the UNet of a `config.model` section, validating it first (plain Python, before any jit)."""
-  fields = dict(ch=int(model_config.ch), ch_mult=tuple(model_config.ch_mult),
-                num_res_blocks=int(model_config.num_res_blocks),
-                attn_resolutions=tuple(int(r) for r in model_config.attn_resolutions),
-                dropout=float(model_config.dropout))
-  _check_model_config(**fields, dtype=model_config.dtype, image_size=int(image_size),
-                      num_channels=int(num_channels))
-  return UNet(**fields, out_ch=num_channels * (2 if learned_variance else 1),
-              resamp_with_conv=bool(model_config.resamp_with_conv), dtype=DTYPES[model_config.dtype],
-              remat=bool(model_config.get("remat", False)))
+  fields = dict(
+    ch=int(model_config.ch),
+    ch_mult=tuple(model_config.ch_mult),
+    num_res_blocks=int(model_config.num_res_blocks),
+    attn_resolutions=tuple(int(r) for r in model_config.attn_resolutions),
+    dropout=float(model_config.dropout),
+  )
+  _check_model_config(
+    **fields, dtype=model_config.dtype, image_size=int(image_size), num_channels=int(num_channels)
+  )
+  return UNet(
+    **fields,
+    out_ch=num_channels * (2 if learned_variance else 1),
+    resamp_with_conv=bool(model_config.resamp_with_conv),
+    dtype=DTYPES[model_config.dtype],
+    remat=bool(model_config.get("remat", False)),
+  )
 
 
 def count_params(params) -> int:
