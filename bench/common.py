@@ -1,4 +1,5 @@
-"""What the benchmarks share: loading a config file with overrides, timing calls, writing their JSON record."""
+"""What the benchmarks share: loading a config file with overrides, timing calls, writing their JSON
+record."""
 
 import ast
 import importlib.util

@@ -1,14 +1,16 @@
-"""Where the train step's time goes on CPU: every convolution of a config's U-Net, XLA against PyTorch.
+"""Where the train step's time goes on CPU: every convolution of a config's U-Net, XLA against
+PyTorch.
 
-usage: python bench/conv_shapes.py [--config=configs/cifar10.py] [--batch=16] [--repeats=7] [--json=PATH]
+usage: python bench/conv_shapes.py [--config=configs/cifar10.py] [--batch=16] [--repeats=7]
+         [--json=PATH]
 
-Traces the U-Net's training forward pass, collects each convolution's input and kernel shapes, strides
-and padding, and times forward + backward (input and kernel gradients) of each distinct shape: jitted
-`lax.conv_general_dilated` (with the train step's XLA:CPU options, `ddpm_jax.xla_cpu`) and
-`torch.nn.functional.conv2d` (what diffusers' UNet2DModel runs: oneDNN on CPU), median of --repeats.
-Each framework runs in its own process: in one process, PyTorch's OpenMP threads keep spinning after
-each call and slow the XLA call that follows (by 10-25% here). Prints a Markdown table and the totals
-weighted by how often each shape occurs.
+Traces the U-Net's training forward pass, collects each convolution's input and kernel shapes,
+strides and padding, and times forward + backward (input and kernel gradients) of each distinct
+shape: jitted `lax.conv_general_dilated` (with the train step's XLA:CPU options, `ddpm_jax.xla_cpu`)
+and `torch.nn.functional.conv2d` (what diffusers' UNet2DModel runs: oneDNN on CPU), median of
+--repeats. Each framework runs in its own process: in one process, PyTorch's OpenMP threads keep
+spinning after each call and slow the XLA call that follows (by 10-25% here). Prints a Markdown
+table and the totals weighted by how often each shape occurs.
 """
 
 import argparse
@@ -27,13 +29,18 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.extend.core  # pylint: disable=g-import-not-at-top,unused-import  (subjaxprs)
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
-from ddpm_jax import parallel, xla_cpu  # pylint: disable=g-import-not-at-top
+
+from common import call_times  # pylint: disable=g-import-not-at-top  (this folder)
+from common import load_config  # pylint: disable=g-import-not-at-top  (this folder)
+from common import write_json  # pylint: disable=g-import-not-at-top  (this folder)
+from ddpm_jax import parallel  # pylint: disable=g-import-not-at-top
 from ddpm_jax import state as state_lib  # pylint: disable=g-import-not-at-top
-from common import call_times, load_config, write_json  # pylint: disable=g-import-not-at-top  (this folder)
+from ddpm_jax import xla_cpu  # pylint: disable=g-import-not-at-top
 
 
 def convolutions(config, batch):
-  """Counter of (input shape NHWC, kernel shape HWIO, strides, padding) over the training forward pass."""
+  """Counter of (input shape NHWC, kernel shape HWIO, strides, padding) over the training forward
+  pass."""
   built = state_lib.build(config)
   shape = (batch,) + state_lib.image_shape(config)
   x, t = jnp.zeros(shape), jnp.zeros((batch,), jnp.int32)

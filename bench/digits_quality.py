@@ -1,11 +1,11 @@
 """How digit-like are a digits run's samples? A classifier trained on the real digits judges them.
 
-usage: python bench/digits_quality.py WORKDIR [NUM_SAMPLES] [--method=ddim] [--num_steps=50] [--spacing=uniform]
-                                       [--eta=0.0]
-Samples NUM_SAMPLES (default 500) from the newest checkpoint's EMA weights with the given sampler (default:
-ancestral over all T steps), shrinks them back to the original 8x8 / 0..16 scale, and prints a table: the
-classifier's mean confidence and the class histogram for the samples versus held-out real digits, and the
-sampler's throughput (samples/s after compilation).
+usage: python bench/digits_quality.py WORKDIR [NUM_SAMPLES] [--method=ddim] [--num_steps=50]
+                                       [--spacing=uniform] [--eta=0.0]
+Samples NUM_SAMPLES (default 500) from the newest checkpoint's EMA weights with the given sampler
+(default: ancestral over all T steps), shrinks them back to the original 8x8 / 0..16 scale, and
+prints a table: the classifier's mean confidence and the class histogram for the samples versus
+held-out real digits, and the sampler's throughput (samples/s after compilation).
 """
 
 import argparse
@@ -17,12 +17,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
-from PIL import Image
-from sklearn import datasets, linear_model, model_selection
-
-from ddpm_jax import checkpoint, evaluate, parallel, sampling
-from ddpm_jax import state as state_lib
 from ml_collections import ConfigDict
+from PIL import Image
+from sklearn import datasets
+from sklearn import linear_model
+from sklearn import model_selection
+
+from ddpm_jax import checkpoint
+from ddpm_jax import evaluate
+from ddpm_jax import parallel
+from ddpm_jax import sampling
+from ddpm_jax import state as state_lib
 
 
 def to_8x8(images_uint8):
@@ -80,11 +85,10 @@ def main(workdir, num_samples, *, sampling_overrides):
     )
   how = sampling.describe(config.sampling, d.num_timesteps)
   print(
-    f"sampler: {how}; {per_second:.1f} samples/s on {jax.device_count()} x {jax.devices()[0].device_kind}"
+    f"sampler: {how}; {per_second:.1f} samples/s on "
+    f"{jax.device_count()} x {jax.devices()[0].device_kind}"
   )
-  print(
-    f"| images | n | mean confidence | share > 0.9 | class shares 0..9 |\n|---|---|---|---|---|"
-  )
+  print("| images | n | mean confidence | share > 0.9 | class shares 0..9 |\n|---|---|---|---|---|")
   for r in rows:
     print(f"| {r[0]} | {r[1]} | {r[2]:.3f} | {r[3]:.3f} | {r[4]} |")
 

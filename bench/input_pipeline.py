@@ -2,12 +2,13 @@
 
 The data is generated: --num_images CIFAR10-shaped images (32x32x3, smooth random textures), stored
 as PNG bytes and decoded per example like TFDS's ArrayRecord source does, served through this
-project's own pipeline (`data.train_iterator`: TfdsImageSource, shuffle, random flip, batch, per-host
-shard, `mp_prefetch` workers). What is not measured: reading the ArrayRecord files from disk (the
-bytes here are in memory). For the accelerator target of the README, the trainer eats
-60 steps/s x 128 = 7,680 CIFAR10 images/s.
+project's own pipeline (`data.train_iterator`: TfdsImageSource, shuffle, random flip, batch,
+per-host shard, `mp_prefetch` workers). What is not measured: reading the ArrayRecord files from
+disk (the bytes here are in memory). For the accelerator target of the README, the trainer eats 60
+steps/s x 128 = 7,680 CIFAR10 images/s.
 
-usage: python bench/input_pipeline.py [--workers=0,2,4] [--batch=128] [--batches=200] [--num_images=10000]
+usage: python bench/input_pipeline.py [--workers=0,2,4] [--batch=128] [--batches=200]
+         [--num_images=10000]
 """
 
 import argparse
@@ -30,7 +31,8 @@ from ddpm_jax.configs import cifar10  # pylint: disable=g-import-not-at-top
 
 
 class PngSource:
-  """A random-access source like `tfds.data_source`'s: example i is {'image': uint8 [H, W, 3]} decoded from PNG."""
+  """A random-access source like `tfds.data_source`'s: example i is {'image': uint8 [H, W, 3]}
+  decoded from PNG."""
 
   def __init__(self, pngs):
     self._pngs = pngs
@@ -108,7 +110,8 @@ def main():
     flush=True,
   )
   print(
-    "\n| Grain workers | images/s | start-up s | 60 steps/s x 128 (7,680 images/s) |\n|---|---|---|---|"
+    "\n| Grain workers | images/s | start-up s | 60 steps/s x 128 (7,680 images/s) |"
+    "\n|---|---|---|---|"
   )
   results = []
   for workers in (int(w) for w in args.workers.split(",")):

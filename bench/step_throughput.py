@@ -1,14 +1,16 @@
-"""Train-step and sampler throughput of a config on whatever devices JAX sees; prints Markdown, writes JSON.
+"""Train-step and sampler throughput of a config on whatever devices JAX sees; prints Markdown,
+writes JSON.
 
 Reports: the train step (images/s, steps/s, compile time), one sampling step (images/s: network call
-plus update, measured inside the fori_loop sampler at T = --sample_T), the full sampler at T = --full_T
-(optional: 1000 steps take long on a CPU), the sampler's compile time and memory at T = 10 and T = 1000
-(one fori_loop: both should be alike), peak device memory where the backend reports it, FLOPs per image
-from XLA's cost analysis, and the achieved FLOP/s as a fraction of a matmul measured on the same device.
+plus update, measured inside the fori_loop sampler at T = --sample_T), the full sampler at
+T = --full_T (optional: 1000 steps take long on a CPU), the sampler's compile time and memory at
+T = 10 and T = 1000 (one fori_loop: both should be alike), peak device memory where the backend
+reports it, FLOPs per image from XLA's cost analysis, and the achieved FLOP/s as a fraction of a
+matmul measured on the same device.
 
 usage: python bench/step_throughput.py --config=configs/cifar10.py [--batch=16] [--steps=5]
-         [--steps_per_dispatch=N] [--sample_batch=16] [--sample_T=10] [--full_T=0] [--compile_T=10,1000]
-         [--no_cpu_options] [--set=model.dtype=bfloat16 ...] [--json=PATH]
+         [--steps_per_dispatch=N] [--sample_batch=16] [--sample_T=10] [--full_T=0]
+         [--compile_T=10,1000] [--no_cpu_options] [--set=model.dtype=bfloat16 ...] [--json=PATH]
 """
 
 import argparse
@@ -26,9 +28,13 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-from common import load_config, write_json  # pylint: disable=g-import-not-at-top  (this folder)
-from ddpm_jax import parallel, sampling, train, xla_cpu  # pylint: disable=g-import-not-at-top
+from common import load_config  # pylint: disable=g-import-not-at-top  (this folder)
+from common import write_json  # pylint: disable=g-import-not-at-top  (this folder)
+from ddpm_jax import parallel  # pylint: disable=g-import-not-at-top
+from ddpm_jax import sampling  # pylint: disable=g-import-not-at-top
 from ddpm_jax import state as state_lib  # pylint: disable=g-import-not-at-top
+from ddpm_jax import train  # pylint: disable=g-import-not-at-top
+from ddpm_jax import xla_cpu  # pylint: disable=g-import-not-at-top
 
 
 def cost(compiled):
@@ -50,7 +56,8 @@ def cost(compiled):
 
 
 def matmul_peak(dtype, n):
-  """Measured FLOP/s of an n x n matmul in `dtype` on the default device (the best of 10: a peak)."""
+  """Measured FLOP/s of an n x n matmul in `dtype` on the default device (the best of 10: a
+  peak)."""
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
   f = jax.jit(jnp.dot)
   f(a, a).block_until_ready()
@@ -130,7 +137,8 @@ def _sampler(config, T, batch):
 
 
 def forward_flops_per_image(config, *, batch):
-  """FLOPs of one network call (eval mode) per image: the cost of one sampling step (the update is tiny)."""
+  """FLOPs of one network call (eval mode) per image: the cost of one sampling step (the update is
+  tiny)."""
   built = state_lib.build(config)
   shape = state_lib.image_shape(config)
   params = jax.eval_shape(
@@ -153,7 +161,8 @@ def bench_sampler_compile(config, *, T, batch):
 
 
 def bench_sampler_run(config, *, T, batch, repeats):
-  """Seconds for the whole T-step sampler on `batch` images (median of `repeats` after a warm-up)."""
+  """Seconds for the whole T-step sampler on `batch` images (median of `repeats` after a
+  warm-up)."""
   fn, params, ids = _sampler(config, T, batch)
   fn(params, jax.random.key(0), ids).block_until_ready()
   times = []
@@ -228,11 +237,12 @@ def main():
   result["train"] = tr = bench_train(config, steps=args.steps, cpu_options=not args.no_cpu_options)
   achieved = tr["images_per_s"] * tr["flops_per_image"]
   print(
-    f"\n| train step | batch | steps/dispatch | compile s | s/step | steps/s | images/s | GFLOP/image | "
-    f"achieved GFLOP/s | of matmul peak |\n|---|---|---|---|---|---|---|---|---|---|"
+    "\n| train step | batch | steps/dispatch | compile s | s/step | steps/s | images/s | "
+    "GFLOP/image | achieved GFLOP/s | of matmul peak |\n|---|---|---|---|---|---|---|---|---|---|"
   )
   print(
-    f"| {args.config} | {tr['batch']} | {tr['steps_per_dispatch']} | {tr['compile_s']:.1f} | {tr['s_per_step']:.3f} | "
+    f"| {args.config} | {tr['batch']} | {tr['steps_per_dispatch']} | {tr['compile_s']:.1f} | "
+    f"{tr['s_per_step']:.3f} | "
     f"{tr['steps_per_s']:.2f} | {tr['images_per_s']:.1f} | {tr['flops_per_image'] / 1e9:.1f} | "
     f"{achieved / 1e9:.0f} | {achieved / peak:.0%} |",
     flush=True,
@@ -245,19 +255,22 @@ def main():
   flops_per_image_step = forward_flops_per_image(config, batch=sample_batch)
   result["sampler"] = dict(compile=compiles, step=step, flops_per_image_step=flops_per_image_step)
   print(
-    f"\n| sampler | batch | compile s | temp memory MiB | argument + output MiB |\n|---|---|---|---|---|"
+    "\n| sampler | batch | compile s | temp memory MiB | argument + output MiB |"
+    "\n|---|---|---|---|---|"
   )
   for c in compiles:
     m = c["memory_analysis"]
     print(
-      f"| T = {c['T']} | {sample_batch} | {c['compile_s']:.1f} | {m.get('temp_size_in_bytes', 0) / 2**20:.1f} | "
+      f"| T = {c['T']} | {sample_batch} | {c['compile_s']:.1f} | "
+      f"{m.get('temp_size_in_bytes', 0) / 2**20:.1f} | "
       f"{(m.get('argument_size_in_bytes', 0) + m.get('output_size_in_bytes', 0)) / 2**20:.1f} |"
     )
   achieved = step["images_per_s_per_step"] * flops_per_image_step
   print(
-    f"\nsampling step (network + update, inside the T = {step['T']} loop): {step['images_per_s_per_step']:.1f} "
-    f"images/s, {achieved / 1e9:.0f} GFLOP/s ({achieved / peak:.0%} of the matmul peak; "
-    f"{flops_per_image_step / 1e9:.1f} GFLOP per image and step: the network's, from XLA's cost analysis)"
+    f"\nsampling step (network + update, inside the T = {step['T']} loop): "
+    f"{step['images_per_s_per_step']:.1f} images/s, {achieved / 1e9:.0f} GFLOP/s "
+    f"({achieved / peak:.0%} of the matmul peak; {flops_per_image_step / 1e9:.1f} GFLOP per image "
+    "and step: the network's, from XLA's cost analysis)"
   )
   if args.full_T:
     full = bench_sampler_run(config, T=args.full_T, batch=sample_batch, repeats=1)

@@ -1,13 +1,15 @@
-"""Side by side: this project's U-Net against diffusers' UNet2DModel (PyTorch), same network and batch.
+"""Side by side: this project's U-Net against diffusers' UNet2DModel (PyTorch), same network and
+batch.
 
 Measures the forward pass (one sampling step's network call, eval mode) and the full train step
 (forward with dropout 0.1, backward, global-norm clipping, Adam, EMA) of the CIFAR10 model
 (35,746,307 parameters). Each side runs in its own fresh process per round, the order alternating
 between rounds, warm-up (compilation) first, then the median of --steps timed steps; the summary
 is the median over rounds (and the per-round ratio). Each process also measures its framework's
-float32 matmul rate (2048 x 2048, best of 10), and the achieved FLOP/s uses the FLOPs per image from XLA's cost analysis (the
-same network on both sides). The machine's load average is recorded before and after each round:
-a busy machine distorts the ratio (PyTorch suffers more from competing processes than XLA).
+float32 matmul rate (2048 x 2048, best of 10), and the achieved FLOP/s uses the FLOPs per image from
+XLA's cost analysis (the same network on both sides). The machine's load average is recorded before
+and after each round: a busy machine distorts the ratio (PyTorch suffers more from competing
+processes than XLA).
 
 usage: python bench/vs_diffusers.py [--batch=16] [--rounds=3] [--steps=5] [--what=forward,train]
          [--dtype=float32|bfloat16] [--cpu_options=on|off|both] [--json=PATH]
@@ -26,7 +28,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
-from common import call_times, write_json  # pylint: disable=g-import-not-at-top  (this folder)
+from common import call_times  # pylint: disable=g-import-not-at-top  (this folder)
+from common import write_json  # pylint: disable=g-import-not-at-top  (this folder)
 
 MATMUL_N = 2048
 EMA_DECAY = 0.9999
@@ -40,7 +43,8 @@ def _median_time(fn, repeats):
 
 
 def _best_time(fn, repeats):
-  """The shortest of `repeats` runs: a peak rate, as little disturbed by other processes as possible."""
+  """The shortest of `repeats` runs: a peak rate, as little disturbed by other processes as
+  possible."""
   fn()
   return min(call_times(fn, repeats))
 
@@ -61,13 +65,18 @@ def _cifar10_config(*, batch, dtype):
 def jax_worker(spec):
   """Times this project's eval forward pass and train step; returns a dict of results."""
   import functools  # pylint: disable=g-import-not-at-top
+
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from ddpm_jax import parallel, train, xla_cpu  # pylint: disable=g-import-not-at-top
-  from ddpm_jax import state as state_lib  # pylint: disable=g-import-not-at-top
 
-  # as `ddpm_jax.main` runs: synchronous CPU dispatch and glibc keeping freed memory (xla_cpu), first thing
+  from ddpm_jax import parallel  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import state as state_lib  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import train  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import xla_cpu  # pylint: disable=g-import-not-at-top
+
+  # as `ddpm_jax.main` runs: synchronous CPU dispatch and glibc keeping freed memory (xla_cpu),
+  # first thing
   host_memory = xla_cpu.keep_host_memory() if spec["cpu_options"] else False
   batch = spec["batch"]
   config = _cifar10_config(batch=batch, dtype=spec["dtype"])
@@ -153,11 +162,14 @@ def _flops(compiled):
 
 
 def torch_worker(spec):
-  """Times diffusers' UNet2DModel: eval forward and a train step with torch.optim.Adam and clip_grad_norm_."""
+  """Times diffusers' UNet2DModel: eval forward and a train step with torch.optim.Adam and
+  clip_grad_norm_."""
   import contextlib  # pylint: disable=g-import-not-at-top
+
+  import diffusers  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
-  import diffusers  # pylint: disable=g-import-not-at-top
+
   from ddpm_jax import convert  # pylint: disable=g-import-not-at-top
 
   batch = spec["batch"]
@@ -234,7 +246,8 @@ def torch_worker(spec):
 
 
 def _sides(args):
-  """(label, worker, XLA_FLAGS, the train step's CPU options on?) per measured side, first round's order."""
+  """(label, worker, XLA_FLAGS, the train step's CPU options on?) per measured side, first round's
+  order."""
   jax_flags = " ".join([os.environ.get("XLA_FLAGS", ""), args.extra_xla_flags]).strip()
   sides = []
   for on in (True, False):
@@ -312,7 +325,8 @@ def _print_table(summary, labels, what, *, batch, flops_per_image):
       achieved = rate * flops_per_image.get(kind, float("nan")) / 1e9
       spread = ", ".join(f"{batch / m:.2f}" for m in s["round_medians_s"])
       cells.append(
-        f"{rate:.2f} img/s ({s['median_step_s']:.2f} s/step; rounds {spread}; {achieved:.0f} GFLOP/s)"
+        f"{rate:.2f} img/s ({s['median_step_s']:.2f} s/step; rounds {spread}; "
+        f"{achieved:.0f} GFLOP/s)"
       )
     ratio = summary[labels[0]][kind]["images_per_s"] / summary[reference][kind]["images_per_s"]
     per_round = ", ".join(f"{r:.2f}" for r in summary[labels[0]][kind]["ratio_per_round"])
@@ -389,7 +403,8 @@ def main():
   summary = _summarise(rounds, labels, what, args.batch)
   print(
     f"\nddpm_jax vs diffusers UNet2DModel, CIFAR10 model, {args.dtype}, batch {args.batch}, "
-    f"{args.rounds} rounds x {args.steps} timed steps; machine: {_machine()['cpu']} ({os.cpu_count()} cores); "
+    f"{args.rounds} rounds x {args.steps} timed steps; machine: {_machine()['cpu']} "
+    f"({os.cpu_count()} cores); "
     f"1-min load average per round: {', '.join(f'{a:.1f}-{b:.1f}' for a, b in load)}"
   )
   for label, _, xla_flags, _ in sides:
@@ -408,8 +423,9 @@ def main():
   busy = [r + 1 for r, pair in enumerate(load) if max(pair) > 1.5 * (os.cpu_count() or 1)]
   if busy:
     print(
-      f"\nWARNING: the machine was busy in round(s) {busy} (1-min load average above 1.5 x {os.cpu_count()} "
-      "cores): other processes distort these numbers, PyTorch's more than XLA's; rerun on a quiet machine."
+      f"\nWARNING: the machine was busy in round(s) {busy} (1-min load average above 1.5 x "
+      f"{os.cpu_count()} cores): other processes distort these numbers, PyTorch's more than XLA's; "
+      "rerun on a quiet machine."
     )
   record = dict(
     args={k: v for k, v in vars(args).items() if k not in ("worker", "spec")},

@@ -1,4 +1,5 @@
-"""The only module that talks to orbax: step-numbered train-state checkpoints under WORKDIR/checkpoints.
+"""The only module that talks to orbax: step-numbered train-state checkpoints under
+WORKDIR/checkpoints.
 
 Each checkpoint holds three items: `state` (step, params, EMA params, optimizer state, key),
 `data` (the Grain iterator position of every process) and `config` (the resolved config
@@ -18,9 +19,9 @@ import os
 import re
 
 import jax
-from absl import logging
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 from grain import checkpoint as grain_checkpoint
 
@@ -30,7 +31,8 @@ from ddpm_jax.errors import CheckpointError
 MODEL_KEYS = ("model", "diffusion", "data.image_size", "data.num_channels")
 # How the model computes, not what it computes: a run may resume or be evaluated with other values.
 COMPUTE_ONLY_KEYS = ("model.remat", "model.dtype")
-# In each step folder: the size and SHA-256 of every other file, written once orbax has committed the step.
+# In each step folder: the size and SHA-256 of every other file, written once orbax has committed
+# the step.
 DIGEST_FILE = "ddpm_jax_digests.json"
 _OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
 
@@ -136,7 +138,8 @@ def _innermost(error: BaseException) -> str:
 
 @contextlib.contextmanager
 def _storage_errors(what: str, manager):
-  """Turns a file-system failure inside orbax into one OSError sentence; anything else stays a bug."""
+  """Turns a file-system failure inside orbax into one OSError sentence; anything else stays a
+  bug."""
   try:
     yield
   except Exception as e:  # pylint: disable=broad-except
@@ -149,7 +152,8 @@ def _storage_errors(what: str, manager):
 
 
 def _identity(directory: str):
-  """(device, inode) of a folder, or None when it does not exist: tells a folder from its replacement."""
+  """(device, inode) of a folder, or None when it does not exist: tells a folder from its
+  replacement."""
   try:
     info = os.stat(directory)
   except FileNotFoundError:
@@ -158,13 +162,17 @@ def _identity(directory: str):
 
 
 def _earlier(manager) -> str:
-  """What a failed write left behind: orbax writes each step in a new folder and removes old ones only after."""
+  """What a failed write left behind: orbax writes each step in a new folder and removes old ones
+  only after."""
   if manager.vanished():
     return "that folder was removed or replaced during the run"
   steps = [s for s in sorted(manager.all_steps()) if os.path.isdir(_step_dir(manager, s))]
   if not steps:
     return "there is no earlier checkpoint"
-  return f"the earlier checkpoints (step{'s' * (len(steps) > 1)} {', '.join(map(str, steps))}) were not touched"
+  return (
+    f"the earlier checkpoints (step{'s' * (len(steps) > 1)} {', '.join(map(str, steps))}) "
+    "were not touched"
+  )
 
 
 class Manager(ocp.CheckpointManager):
@@ -183,7 +191,8 @@ class Manager(ocp.CheckpointManager):
     return _identity(str(self.directory)) != self._identity
 
   def save(self, step: int, *args, **kwargs) -> bool:
-    self.wait_until_finished()  # orbax would wait here anyway; this also records the previous digests
+    # orbax would wait here anyway; this also records the previous digests
+    self.wait_until_finished()
     if self.vanished():  # orbax would create it again and carry on writing into an empty run
       raise OSError(
         f"Could not write the checkpoint of step {step}: {self.directory} was removed or replaced "
@@ -214,8 +223,8 @@ class Manager(ocp.CheckpointManager):
       directory = _step_dir(self, step)
       if not os.path.isdir(directory):  # keep_checkpoints never removes the newest step at once
         raise OSError(
-          f"Could not write the checkpoint of step {step} in {self.directory}: orbax did not commit "
-          f"it (--verbose shows its report); {_earlier(self)}."
+          f"Could not write the checkpoint of step {step} in {self.directory}: orbax did not "
+          f"commit it (--verbose shows its report); {_earlier(self)}."
         )
       with _storage_errors(f"record the digests of the checkpoint of step {step}", self):
         record_digests(directory)
@@ -233,9 +242,10 @@ class Manager(ocp.CheckpointManager):
 
 
 def make_manager(workdir: str, *, keep: int, read_only: bool = False) -> Manager:
-  """An async manager keeping the newest `keep` checkpoints, or a read-only one (for sampling/evaluation)."""
-  # Step folders are created in the calling thread: created in the background, a refused mkdir leaves
-  # the save waiting minutes for a signal that never comes.
+  """An async manager keeping the newest `keep` checkpoints, or a read-only one (for
+  sampling/evaluation)."""
+  # Step folders are created in the calling thread: created in the background, a refused mkdir
+  # leaves the save waiting minutes for a signal that never comes.
   options = ocp.CheckpointManagerOptions(
     max_to_keep=None if read_only else keep,
     create=not read_only,
@@ -244,7 +254,8 @@ def make_manager(workdir: str, *, keep: int, read_only: bool = False) -> Manager
     save_interval_steps=0 if read_only else 1,
     async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
   )
-  # orbax warns that a read-only manager is read only; that is what was asked for, not news for the log.
+  # orbax warns that a read-only manager is read only; that is what was asked for, not news for the
+  # log.
   drop = lambda record: not _is_read_only_notice(record)
   absl_logger = logging.get_absl_logger()
   absl_logger.addFilter(drop)
@@ -275,7 +286,8 @@ def _restore_one(manager: Manager, step: int, *, abstract_state, data_iterator):
   if damage:
     raise CheckpointError(f"{where} is corrupt: {damage}.")
   items = dict(state=ocp.args.StandardRestore(abstract_state))
-  # An imported checkpoint (ddpm_jax.convert) holds no iterator position: the data order then starts afresh.
+  # An imported checkpoint (ddpm_jax.convert) holds no iterator position: the data order then starts
+  # afresh.
   if data_iterator is not None and "data" in manager.item_metadata(step).keys():
     items["data"] = grain_checkpoint.CheckpointRestore(data_iterator)
   if recorded:  # verified: a failure now is a bug, not damage
@@ -317,7 +329,8 @@ def restore(
 
   A named step that is corrupt is a CheckpointError. Without a step, corrupt checkpoints are skipped
   with a warning that names each and says why; with set_aside_corrupt (training) each skipped one is
-  moved to WORKDIR/corrupt_checkpoints/ so that training can write its step again. Nothing is deleted.
+  moved to WORKDIR/corrupt_checkpoints/ so that training can write its step again. Nothing is
+  deleted.
   """
   if step is not None:
     return _restore_one(manager, step, abstract_state=abstract_state, data_iterator=data_iterator)
@@ -353,7 +366,8 @@ def _sync_processes(name: str):
 
 
 def resolve_step(manager: Manager, workdir: str, step: int = -1) -> int:
-  """The newest intact step (step = -1) or the named one; a clear error when there is none or it is corrupt."""
+  """The newest intact step (step = -1) or the named one; a clear error when there is none or it is
+  corrupt."""
   steps = manager.all_steps()
   if not steps:
     raise CheckpointError(
@@ -406,7 +420,8 @@ def _normalise(value):
 
 
 def check_compatible(saved: dict, config: ml_collections.ConfigDict, *, source: str) -> None:
-  """Refuses a config whose model or diffusion settings differ from those a checkpoint was trained with."""
+  """Refuses a config whose model or diffusion settings differ from those a checkpoint was trained
+  with."""
   current = config.to_dict()
   diffs = []
   for key in MODEL_KEYS:
@@ -427,7 +442,8 @@ def check_compatible(saved: dict, config: ml_collections.ConfigDict, *, source: 
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> str:
-  """Writes the resolved config as WORKDIR/config.json (process 0 only; WORKDIR may be a gs:// URL)."""
+  """Writes the resolved config as WORKDIR/config.json (process 0 only; WORKDIR may be a gs://
+  URL)."""
   path = epath.Path(workdir) / "config.json"
   if jax.process_index() == 0:
     path.parent.mkdir(parents=True, exist_ok=True)

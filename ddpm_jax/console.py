@@ -1,4 +1,5 @@
-"""What the command line shows: a config file that fails to import as one sentence, and a quiet start-up.
+"""What the command line shows: a config file that fails to import as one sentence, and a quiet
+start-up.
 
 Only `main` calls these: they replace a flag's parser, redirect file descriptor 2 for a moment,
 and install logging filters and exception hooks for the whole process. (`data` borrows
@@ -12,8 +13,8 @@ import sys
 import threading
 import traceback
 
-from absl import logging
 import ml_collections
+from absl import logging
 
 
 class ConfigFileError(Exception):
@@ -21,7 +22,8 @@ class ConfigFileError(Exception):
 
 
 def _failure_site(path: str, error: BaseException) -> str:
-  """'FILE, line N (`code`): Type: message' at the config file's innermost frame (else the innermost frame)."""
+  """'FILE, line N (`code`): Type: message' at the config file's innermost frame (else the innermost
+  frame)."""
   message = (str(error).strip().splitlines() or [""])[0]
   if isinstance(error, SyntaxError) and error.filename:
     filename, lineno, code, message = error.filename, error.lineno, error.text, error.msg
@@ -36,8 +38,9 @@ def _failure_site(path: str, error: BaseException) -> str:
 
 
 def checked_config_parser(parser):
-  """ml_collections' config-file parser (`parser`), raising ConfigFileError with the file and line when
-  the file is missing, does not compile, or its get_config() raises or returns something else."""
+  """ml_collections' config-file parser (`parser`), raising ConfigFileError with the file and line
+  when the file is missing, does not compile, or its get_config() raises or returns something
+  else."""
 
   class CheckedParser(type(parser)):
     def parse(self, path):
@@ -47,7 +50,8 @@ def checked_config_parser(parser):
       try:
         config = super().parse(path)
       except Exception as e:  # pylint: disable=broad-except
-        # ml_collections re-raises TypeError/ValueError with the traceback as text; report the original.
+        # ml_collections re-raises TypeError/ValueError with the traceback as text; report the
+        # original.
         original = (e.__context__ or e) if "Error whilst parsing" in str(e) else e
         raise ConfigFileError(
           f"The config file {file} failed at {_failure_site(file, original)}."
@@ -72,7 +76,8 @@ def checked_config_parser(parser):
 
 @contextlib.contextmanager
 def native_stderr_hidden(hide: bool = True):
-  """Sends what native libraries write to file descriptor 2 meanwhile (TensorFlow's start-up lines) to /dev/null."""
+  """Sends what native libraries write to file descriptor 2 meanwhile (TensorFlow's start-up lines)
+  to /dev/null."""
   if not hide:
     yield
     return
@@ -88,8 +93,9 @@ def native_stderr_hidden(hide: bool = True):
 
 
 def _is_background_noise(record: std_logging.LogRecord) -> bool:
-  """orbax's reports (start-up notes, per-save chatter, and its threads' tracebacks when a write fails, after
-  which the main thread raises one sentence) and asyncio's 'Task exception was never retrieved'."""
+  """orbax's reports (start-up notes, per-save chatter, and its threads' tracebacks when a write
+  fails, after which the main thread raises one sentence) and asyncio's 'Task exception was never
+  retrieved'."""
   return "/orbax/" in record.pathname or record.name == "asyncio"
 
 
@@ -101,13 +107,13 @@ def _from_background(tb) -> bool:
 
 
 def quiet_background(verbose: bool) -> None:
-  """Imports TensorFlow (for TFDS and TensorBoard) with its start-up lines hidden unless verbose; unless
-  verbose, also drops orbax's and asyncio's log records and the exceptions that orbax's threads leave
-  behind when a write fails (event loop closed, interpreter shutting down). Errors reach the user as
-  the one sentence the main thread raises."""
+  """Imports TensorFlow (for TFDS and TensorBoard) with its start-up lines hidden unless verbose;
+  unless verbose, also drops orbax's and asyncio's log records and the exceptions that orbax's
+  threads leave behind when a write fails (event loop closed, interpreter shutting down). Errors
+  reach the user as the one sentence the main thread raises."""
   with native_stderr_hidden(not verbose):
     try:
-      import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
+      import tensorflow  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
     except ImportError:
       pass
   if verbose:

@@ -12,10 +12,10 @@ import pathlib
 import socket
 import sys
 
-from absl import flags
-from absl import logging
 import grain
 import numpy as np
+from absl import flags
+from absl import logging
 from PIL import Image
 
 from ddpm_jax import console
@@ -82,7 +82,8 @@ def _digits(image_size: int) -> np.ndarray:
 
 
 class ImageFolderSource:
-  """Every PNG/JPEG under a folder, decoded lazily, converted to L/RGB, center-cropped and resized."""
+  """Every PNG/JPEG under a folder, decoded lazily, converted to L/RGB, center-cropped and
+  resized."""
 
   def __init__(self, paths, *, image_size: int, num_channels: int):
     self._paths = [str(p) for p in paths]
@@ -102,7 +103,8 @@ class ImageFolderSource:
 
 
 class TfdsImageSource:
-  """The 'image' feature of a TFDS random-access source, center-cropped/resized when its size differs."""
+  """The 'image' feature of a TFDS random-access source, center-cropped/resized when its size
+  differs."""
 
   def __init__(self, source, *, image_size: int):
     self._source = source
@@ -139,9 +141,10 @@ def _image_paths(folder: str) -> list[pathlib.Path]:
 
 
 def hide_accelerators_from_tensorflow():
-  """Makes TensorFlow (imported by TFDS and TensorBoard writers) see no GPU/TPU, so JAX keeps all their memory."""
-  # TensorFlow 2.21 prints its start-up notices (oneDNN, CUDA stubs) before it reads TF_CPP_MIN_LOG_LEVEL;
-  # when that asks for silence (main sets 3), the import is kept quiet.
+  """Makes TensorFlow (imported by TFDS and TensorBoard writers) see no GPU/TPU, so JAX keeps all
+  their memory."""
+  # TensorFlow 2.21 prints its start-up notices (oneDNN, CUDA stubs) before it reads
+  # TF_CPP_MIN_LOG_LEVEL; when that asks for silence (main sets 3), the import is kept quiet.
   quiet = "tensorflow" not in sys.modules and os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") == "3"
   try:
     with console.native_stderr_hidden(quiet):
@@ -169,7 +172,8 @@ def _import_tfds():
 def _network_reachable(
   host: str = "storage.googleapis.com", port: int = 443, timeout: float = 5.0
 ) -> bool:
-  """Whether a download could start, checked in <= `timeout` s: TFDS itself retries for minutes offline."""
+  """Whether a download could start, checked in <= `timeout` s: TFDS itself retries for minutes
+  offline."""
   if any(os.environ.get(v) for v in _PROXY_VARS):
     return True  # Only the proxy knows; let TFDS try.
   try:
@@ -191,7 +195,8 @@ def _tfds_name(dataset: str) -> str:
 
 
 def _tfds_builder(tfds, name: str, data_dir: str | None):
-  """The ArrayRecord-format builder for `name`; DatasetError for an unknown name or LSUN category."""
+  """The ArrayRecord-format builder for `name`; DatasetError for an unknown name or LSUN
+  category."""
   try:
     return tfds.builder(name, data_dir=data_dir, file_format="array_record")
   except Exception as e:  # pylint: disable=broad-except  (DatasetNotFoundError, unknown config, ...)
@@ -203,7 +208,8 @@ def _tfds_builder(tfds, name: str, data_dir: str | None):
 
 
 def _download_and_prepare(tfds, builder, *, name: str, split: str, data_dir: str | None):
-  """Downloads and prepares `builder` with TFDS's own machinery, failing fast and clearly when it cannot."""
+  """Downloads and prepares `builder` with TFDS's own machinery, failing fast and clearly when it
+  cannot."""
   where = builder.data_dir
   if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
     config = tfds.download.DownloadConfig(try_download_gcs=False)
@@ -211,14 +217,14 @@ def _download_and_prepare(tfds, builder, *, name: str, split: str, data_dir: str
       builder.download_and_prepare(download_config=config, file_format="array_record")
     except Exception as e:  # pylint: disable=broad-except
       raise DatasetError(
-        f"dataset {name!r} is not prepared in {where} and needs a manual download: {e} Then run again, "
-        "or point --config.data.tfds_data_dir at a prepared copy."
+        f"dataset {name!r} is not prepared in {where} and needs a manual download: {e} "
+        "Then run again, or point --config.data.tfds_data_dir at a prepared copy."
       ) from e
     return
   if not _network_reachable():
     raise DatasetError(
-      f"dataset {name!r} is not prepared in {where} and could not be downloaded (no network): run once "
-      "with internet, or point --config.data.tfds_data_dir at a prepared copy."
+      f"dataset {name!r} is not prepared in {where} and could not be downloaded (no network): "
+      "run once with internet, or point --config.data.tfds_data_dir at a prepared copy."
     )
   logging.info("Downloading and preparing %s into %s (once).", name, where)
   try:
@@ -281,7 +287,8 @@ def _check_first_image(source, data_config):
 
 
 def load_images(data_config, *, split: str):
-  """The random-access source of `split`: `len(src)`, `src[i]` -> uint8 [image_size, image_size, C]."""
+  """The random-access source of `split`: `len(src)`, `src[i]` -> uint8 [image_size, image_size,
+  C]."""
   _check_shape_config(data_config)
   dataset, size, channels = (
     data_config.dataset,
@@ -380,7 +387,8 @@ def train_iterator(
 
 
 def eval_batches(data_config, *, split: str, batch_size: int, num_examples: int):
-  """The first `num_examples` images of `split` in order, unflipped, in uint8 batches of <= batch_size."""
+  """The first `num_examples` images of `split` in order, unflipped, in uint8 batches of <=
+  batch_size."""
   if batch_size <= 0 or num_examples <= 0:
     raise DatasetError(
       f"evaluation batch_size ({batch_size}) and num_examples ({num_examples}) must be positive."

@@ -9,7 +9,8 @@ argument, so it can be passed through `jax.jit` like any other pytree. Timesteps
 import dataclasses
 import functools
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +36,8 @@ def _warmup_betas(*, beta_start, beta_end, num_timesteps, warmup_frac):
 
 
 def _cosine_betas(num_timesteps, s=0.008):
-  """Nichol & Dhariwal 2021: betas from alpha_bar(t) = cos^2(((t/T + s)/(1 + s)) pi/2), capped at 0.999."""
+  """Nichol & Dhariwal 2021: betas from alpha_bar(t) = cos^2(((t/T + s)/(1 + s)) pi/2), capped at
+  0.999."""
   steps = np.arange(num_timesteps + 1, dtype=np.float64) / num_timesteps
   alpha_bar = np.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
   return np.minimum(1 - alpha_bar[1:] / alpha_bar[:-1], 0.999)
@@ -77,8 +79,8 @@ def _check_betas(betas, name):
   if bad.any():
     i = int(np.argmax(bad))
     raise ConfigError(
-      f"Beta schedule {name!r} gives beta[{i}] = {float(betas[i])!r}; every beta must lie in (0, 1] "
-      "(check beta_start and beta_end)."
+      f"Beta schedule {name!r} gives beta[{i}] = {float(betas[i])!r}; every beta must lie in "
+      "(0, 1] (check beta_start and beta_end)."
     )
 
 
@@ -143,7 +145,8 @@ def _check_choice(kind, value, allowed):
 
 
 def check_types(*, mean_type: str, var_type: str, loss_type: str) -> None:
-  """ConfigError for an unknown mean/variance/loss type or a loss that cannot train the variance type."""
+  """ConfigError for an unknown mean/variance/loss type or a loss that cannot train the variance
+  type."""
   _check_choice("mean type", mean_type, MEAN_TYPES)
   _check_choice("variance type", var_type, VAR_TYPES)
   _check_choice("loss type", loss_type, LOSS_TYPES)
@@ -334,8 +337,9 @@ def split_model_output(d: Diffusion, model_output, x_shape):
 
 
 def _model_variance(d: Diffusion, log_variance, t, x_shape):
-  """The variance reported beside the log-variance. For fixedsmall it is the posterior variance itself,
-  0 at t = 0 where the log-variance is clipped (the official values); elsewhere exp(log-variance)."""
+  """The variance reported beside the log-variance. For fixedsmall it is the posterior variance
+  itself, 0 at t = 0 where the log-variance is clipped (the official values); elsewhere
+  exp(log-variance)."""
   if d.var_type == "fixedsmall":
     return jnp.broadcast_to(extract(d.posterior_variance, t, x_shape), x_shape)
   return jnp.exp(log_variance)
@@ -447,7 +451,8 @@ def prior_bpd(d: Diffusion, x_start):
 
 
 def training_target(d: Diffusion, *, x_start, x_t, t, noise):
-  """What the mean part of the network regresses onto under L_simple: eps, x_0 or the posterior mean."""
+  """What the mean part of the network regresses onto under L_simple: eps, x_0 or the posterior
+  mean."""
   if d.mean_type == "eps":
     return noise
   if d.mean_type == "xstart":
@@ -487,9 +492,11 @@ class BpdResult(NamedTuple):
 def calc_bpd_loop(
   d: Diffusion, model_fn: Callable, *, x_start, key, clip_denoised: bool = True
 ) -> BpdResult:
-  """The full NLL bound of a batch in bits/dim, as one `lax.scan` over t (compile time independent of T).
+  """The full NLL bound of a batch in bits/dim, as one `lax.scan` over t (compile time independent
+  of T).
 
-  Every timestep draws its own x_t from fresh noise (`fold_in(key, t)`), as the official evaluation does.
+  Every timestep draws its own x_t from fresh noise (`fold_in(key, t)`), as the official evaluation
+  does.
   """
   batch = x_start.shape[0]
 

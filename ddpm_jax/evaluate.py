@@ -1,9 +1,10 @@
-"""Evaluation drivers over saved checkpoints: sample dumps, the NLL bound (bits/dim), FID/IS, and a worker
-that evaluates every new checkpoint of a training run.
+"""Evaluation drivers over saved checkpoints: sample dumps, the NLL bound (bits/dim), FID/IS, and a
+worker that evaluates every new checkpoint of a training run.
 
-Everything long is resumable: the bound is stored per batch and samples per chunk under WORKDIR/eval, each
-written atomically (tmp file + os.replace), and the randomness of example / sample i is a function of the
-seed and i only, so a resumed run gives the numbers of an uninterrupted one.
+Everything long is resumable: the bound is stored per batch and samples per chunk under
+WORKDIR/eval, each written atomically (tmp file + os.replace), and the randomness of example /
+sample i is a function of the seed and i only, so a resumed run gives the numbers of an
+uninterrupted one.
 """
 
 import hashlib
@@ -49,7 +50,8 @@ def restore_ema_params(config, workdir: str, *, model, tx, mesh, step: int = -1)
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
-  """The steps of the finished checkpoints in `workdir` now (a fresh read-only listing, no locks)."""
+  """The steps of the finished checkpoints in `workdir` now (a fresh read-only listing, no
+  locks)."""
   if not os.path.isdir(checkpoint.checkpoint_dir(workdir)):
     return []
   return sorted(checkpoint.make_manager(workdir, keep=1, read_only=True).all_steps())
@@ -68,8 +70,8 @@ def _make_eval_sampler(config, built, mesh):
 
 
 def _sampler_record(config) -> dict:
-  """What result files record about the sampler (and what names sample folders): method, steps, and the
-  spacing (when not every step is kept) and eta (DDIM) that change the samples."""
+  """What result files record about the sampler (and what names sample folders): method, steps, and
+  the spacing (when not every step is kept) and eta (DDIM) that change the samples."""
   record = sampling.describe(config.sampling, int(config.diffusion.num_timesteps))
   if record["num_steps"] == int(config.diffusion.num_timesteps):
     record.pop("spacing")  # every step kept: the spacing is moot
@@ -77,7 +79,8 @@ def _sampler_record(config) -> dict:
 
 
 def _sampler_tag(record: dict) -> str:
-  """'ancestral1000' (+ '_eta0.0'-style suffixes for any further settings): a folder-name-safe label."""
+  """'ancestral1000' (+ '_eta0.0'-style suffixes for any further settings): a folder-name-safe
+  label."""
   extra = "".join(f"_{k}{v}" for k, v in sorted(record.items()) if k not in ("method", "num_steps"))
   return f"{record['method']}{record['num_steps']}{extra}".replace("/", "-").replace(" ", "")
 
@@ -117,7 +120,8 @@ def _write_json(path: str, value) -> str:
 
 
 def _save_npz(path: str, **arrays) -> str:
-  """np.savez, atomically (a killed run leaves at most a stray .tmp file, never a truncated .npz)."""
+  """np.savez, atomically (a killed run leaves at most a stray .tmp file, never a truncated
+  .npz)."""
   with open(path + ".tmp", "wb") as f:
     np.savez(f, **arrays)
   os.replace(path + ".tmp", path)
@@ -130,8 +134,8 @@ def _read_json(path: str):
 
 
 def _result_path(eval_dir: str, stem: str, settings: dict) -> str:
-  """eval_dir/stem.json, or stem_1.json, ...: a result computed with other settings is never overwritten
-  (the same settings give the same numbers, so that file is simply rewritten)."""
+  """eval_dir/stem.json, or stem_1.json, ...: a result computed with other settings is never
+  overwritten (the same settings give the same numbers, so that file is simply rewritten)."""
   for i in range(1000):
     path = os.path.join(eval_dir, f"{stem}{'' if i == 0 else f'_{i}'}.json")
     if not os.path.exists(path) or _read_json(path).get("settings") == settings:
@@ -140,7 +144,8 @@ def _result_path(eval_dir: str, stem: str, settings: dict) -> str:
 
 
 def _check_parts_dir(path: str, settings: dict, *, what: str) -> None:
-  """Creates a folder of resumable parts with settings.json, or checks that an existing one matches."""
+  """Creates a folder of resumable parts with settings.json, or checks that an existing one
+  matches."""
   meta = os.path.join(path, "settings.json")
   if os.path.exists(meta):
     saved = _read_json(meta)
@@ -161,7 +166,8 @@ def _check_parts_dir(path: str, settings: dict, *, what: str) -> None:
 
 
 def _mean_and_stderr(values) -> dict:
-  """Mean and standard error of the mean (std with ddof 1 / sqrt(n); null for one value), float64."""
+  """Mean and standard error of the mean (std with ddof 1 / sqrt(n); null for one value),
+  float64."""
   values = np.asarray(values, np.float64)
   stderr = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else None
   return {"mean": float(values.mean()), "stderr": stderr}
@@ -187,7 +193,8 @@ def _local_rows(batch: np.ndarray) -> np.ndarray:
 
 def dump_samples(config, workdir: str) -> str | None:
   """Writes config.sampling.num_samples EMA samples of a checkpoint as samples.npz (uint8 NHWC, key
-  `arr_0`), a PNG grid, and the progressive pictures (x_t chain and predicted x_0). Returns the folder."""
+  `arr_0`), a PNG grid, and the progressive pictures (x_t chain and predicted x_0). Returns the
+  folder."""
   c = config.sampling
   if c.num_samples < 1:
     raise ConfigError(f"config.sampling.num_samples must be >= 1, got {c.num_samples}.")
@@ -264,14 +271,16 @@ def dump_samples(config, workdir: str) -> str | None:
   return out
 
 
-# ----------------------------------------------------------------------------- the NLL bound (bits/dim)
+# ------------------------------------------------------------------------- the NLL bound (bits/dim)
 
 
 def make_bpd_fn(d: dm.Diffusion, model, mesh, *, clip_denoised: bool):
-  """Returns `bpd(params, key, images_uint8, ids) -> (terms [B, T], prior [B], mse [B, T])`, sharded.
+  """Returns `bpd(params, key, images_uint8, ids) -> (terms [B, T], prior [B], mse [B, T])`,
+  sharded.
 
-  One compiled `calc_bpd_loop` (a scan over t) per batch; example i draws its noise from fold_in(key, i),
-  so its terms do not depend on the batch it is in, the batch size or the number of devices.
+  One compiled `calc_bpd_loop` (a scan over t) per batch; example i draws its noise from
+  fold_in(key, i), so its terms do not depend on the batch it is in, the batch size or the number of
+  devices.
   """
 
   def per_device(params, key, images_uint8, ids):
@@ -292,7 +301,8 @@ def make_bpd_fn(d: dm.Diffusion, model, mesh, *, clip_denoised: bool):
 
 
 def _bpd_part(bpd_fn, params, key, batch_uint8, *, start: int, batch_size: int, mesh) -> dict:
-  """The bound of one batch (padded to batch_size, the padding dropped): per-example and per-t sums."""
+  """The bound of one batch (padded to batch_size, the padding dropped): per-example and per-t
+  sums."""
   n = len(batch_uint8)
   padded = np.zeros((batch_size,) + batch_uint8.shape[1:], np.uint8)
   padded[:n] = batch_uint8
@@ -347,7 +357,8 @@ def _bpd_summary(parts: list[dict], *, settings: dict) -> dict:
       np.sqrt(mse[0]) * 127.5
     ),  # RMSE of the t = 0 x0 prediction, 0..255
     "terms_bpd": terms.tolist(),  # mean over images of the term of each t (t = 0: L0)
-    "mse_pred_xstart": mse.tolist(),  # mean over images of the MSE of the predicted x0 ([-1, 1] scale)
+    # mean over images of the MSE of the predicted x0 ([-1, 1] scale)
+    "mse_pred_xstart": mse.tolist(),
   }
 
 
@@ -364,14 +375,17 @@ def _inception_score_record(logits) -> dict:
   if len(logits) < IS_SPLITS:
     return {
       "inception_score": None,
-      "inception_score_note": f"unavailable: fewer samples ({len(logits)}) than splits ({IS_SPLITS})",
+      "inception_score_note": (
+        f"unavailable: fewer samples ({len(logits)}) than splits ({IS_SPLITS})"
+      ),
     }
   mean, std = fid_lib.inception_score(logits, IS_SPLITS)
   return {"inception_score": {"mean": mean, "std": std, "splits": IS_SPLITS}}
 
 
 class Evaluator:
-  """One model and device mesh; compiles each evaluation once and runs it on any checkpoint's EMA params."""
+  """One model and device mesh; compiles each evaluation once and runs it on any checkpoint's EMA
+  params."""
 
   def __init__(self, config, workdir: str):
     self.config, self.workdir = config, workdir
@@ -412,7 +426,8 @@ class Evaluator:
     )  # an unknown split fails here, before any work
 
   def bpd(self, params, step: int) -> str:
-    """Writes eval/bpd_<step>_<split>.json (+ .png) and TensorBoard scalars; returns the JSON path."""
+    """Writes eval/bpd_<step>_<split>.json (+ .png) and TensorBoard scalars; returns the JSON
+    path."""
     ev = self.config.evaluation
     self.check_bpd_config()
     settings = _bpd_settings(self.config, step)
@@ -469,8 +484,8 @@ class Evaluator:
       np.arange(T),
       {"L_t (t = 0: decoder L0)": result["terms_bpd"]},
       log_y=True,
-      title=f"Bound terms per timestep: step {step}, {result['split']} split, {result['num_examples']} "
-      f"images, total {result['bits_per_dim']['mean']:.3f} bits/dim",
+      title=f"Bound terms per timestep: step {step}, {result['split']} split, "
+      f"{result['num_examples']} images, total {result['bits_per_dim']['mean']:.3f} bits/dim",
       x_label="timestep t",
       y_label="bits/dim (mean over images)",
     )
@@ -504,7 +519,8 @@ class Evaluator:
   # --- FID and IS
 
   def check_fid_config(self) -> None:
-    """Every FID setting, checked before any sampling (an hour of samples must not end in a typo)."""
+    """Every FID setting, checked before any sampling (an hour of samples must not end in a
+    typo)."""
     ev, c = self.config.evaluation, self.config.sampling
     if ev.num_fid_samples < 2:
       raise ConfigError(
@@ -548,12 +564,13 @@ class Evaluator:
       return self._inception
     ev = self.config.evaluation
     how = (
-      "get the standard weights file (see the README section 'Evaluation') and convert it once with "
-      "`python -m ddpm_jax.metrics.convert_inception SRC OUT.npz`"
+      "get the standard weights file (see the README section 'Evaluation') and convert it once "
+      "with `python -m ddpm_jax.metrics.convert_inception SRC OUT.npz`"
     )
     if not ev.inception_weights:
       raise ConfigError(
-        f"FID needs the Inception weights: set --config.evaluation.inception_weights=PATH.npz; {how}."
+        "FID needs the Inception weights: set --config.evaluation.inception_weights=PATH.npz; "
+        f"{how}."
       )
     if not os.path.isfile(ev.inception_weights):
       raise ConfigError(
@@ -601,8 +618,9 @@ class Evaluator:
   def reference_stats(self, split: str):
     """The pool3 statistics of a dataset split: read from the cache, or computed once and cached.
 
-    The cache file's name and its recorded metadata both carry the convention (dataset, split, image count,
-    image size, weights hash, resize); a file whose metadata differs from what is needed is an error.
+    The cache file's name and its recorded metadata both carry the convention (dataset, split, image
+    count, image size, weights hash, resize); a file whose metadata differs from what is needed is
+    an error.
     """
     from ddpm_jax.metrics import fid as fid_lib  # pylint: disable=g-import-not-at-top
 
@@ -640,7 +658,8 @@ class Evaluator:
       if diffs:
         raise ConfigError(
           f"Cached reference statistics {path} record {', '.join(diffs)}; they are not used "
-          "silently: move the file away to recompute it, or set config.evaluation.stats_dir elsewhere."
+          "silently: move the file away to recompute it, or set config.evaluation.stats_dir "
+          "elsewhere."
         )
       logging.info(
         "Reference statistics of %s/%s (%d images) from the cache %s.",
@@ -671,8 +690,9 @@ class Evaluator:
     return stats, path
 
   def sample_chunks(self, params, step: int) -> tuple[str, list[str]]:
-    """Draws the FID samples into eval/fid_<step>_<sampler>_seed<seed>/chunk_<first>_<end>.npz, keeping
-    every chunk already on disk (never re-drawn). Returns the folder and the chunk paths in order."""
+    """Draws the FID samples into eval/fid_<step>_<sampler>_seed<seed>/chunk_<first>_<end>.npz,
+    keeping every chunk already on disk (never re-drawn). Returns the folder and the chunk paths in
+    order."""
     ev, c = self.config.evaluation, self.config.sampling
     record = _sampler_record(self.config)
     out = os.path.join(self.eval_dir, f"fid_{step}_{_sampler_tag(record)}_seed{self.config.seed}")
@@ -724,7 +744,8 @@ class Evaluator:
     return out, paths
 
   def _draw(self, params, first: int, end: int, *, progress) -> np.ndarray:
-    """Samples first .. end-1 (uint8 NHWC), in batches of config.sampling.batch_size (the last one cut)."""
+    """Samples first .. end-1 (uint8 NHWC), in batches of config.sampling.batch_size (the last one
+    cut)."""
     batch_size, key = self.config.sampling.batch_size, _sample_key(self.config)
     out = []
     for start in range(first, end, batch_size):
@@ -734,7 +755,8 @@ class Evaluator:
     return np.concatenate(out)
 
   def fid(self, params, step: int) -> str:
-    """Writes eval/fid_<step>_<sampler>.json (FID vs each reference split, IS), a grid and TensorBoard scalars."""
+    """Writes eval/fid_<step>_<sampler>.json (FID vs each reference split, IS), a grid and
+    TensorBoard scalars."""
     from ddpm_jax.metrics import fid as fid_lib  # pylint: disable=g-import-not-at-top
 
     self.check_fid_config()
@@ -841,7 +863,8 @@ def evaluate_bpd(config, workdir: str) -> str:
 
 
 def evaluate_fid(config, workdir: str) -> str:
-  """`--mode=fid`: FID (vs every reference split) and IS of samples of config.evaluation.checkpoint_step."""
+  """`--mode=fid`: FID (vs every reference split) and IS of samples of
+  config.evaluation.checkpoint_step."""
   evaluator = Evaluator(config, workdir)
   evaluator.check_fid_config()
   params, step = evaluator.restore(config.evaluation.checkpoint_step)
@@ -878,11 +901,12 @@ def _check_watch_config(config) -> tuple[str, ...]:
 def watch(config, workdir: str, *, sleep=time.sleep, clock=time.monotonic) -> dict:
   """`--mode=evaluate_watch`: evaluates every new checkpoint of a (running) training workdir once.
 
-  Polls the checkpoint folder every watch_poll_secs with a read-only listing (no lock the trainer needs),
-  runs config.evaluation.watch_modes on each unevaluated step in increasing order, and records what is done
-  in WORKDIR/eval/done.json (atomically, so a restarted worker skips it). A checkpoint that the trainer
-  deletes while it is read is logged and skipped. Stops once the step config.training.num_steps is
-  evaluated, or after watch_timeout_secs (> 0) without a new checkpoint. Returns the done record.
+  Polls the checkpoint folder every watch_poll_secs with a read-only listing (no lock the trainer
+  needs), runs config.evaluation.watch_modes on each unevaluated step in increasing order, and
+  records what is done in WORKDIR/eval/done.json (atomically, so a restarted worker skips it). A
+  checkpoint that the trainer deletes while it is read is logged and skipped. Stops once the step
+  config.training.num_steps is evaluated, or after watch_timeout_secs (> 0) without a new
+  checkpoint. Returns the done record.
   """
   modes = _check_watch_config(config)
   ev = config.evaluation

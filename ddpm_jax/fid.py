@@ -1,10 +1,11 @@
-"""FID (and IS) between two sets of images: `python -m ddpm_jax.fid --inception_weights=W.npz A [B]`.
+"""FID (and IS) between two sets of images:
+`python -m ddpm_jax.fid --inception_weights=W.npz A [B]`.
 
 Each input is a samples .npz (uint8 NHWC under `arr_0`, what `--mode=sample` writes), a folder of
-PNG/JPEG images (all the same size), or a statistics .npz (from `--save_stats`, or mu/sigma of another
-tool with `--trust_unlabelled_stats`). Prints the FID of A vs B and the Inception Score of each image
-input when the weights have the classifier; `--json` writes the same. One input: statistics and IS only.
-Bad input ends with one sentence on stderr and exit status 1.
+PNG/JPEG images (all the same size), or a statistics .npz (from `--save_stats`, or mu/sigma of
+another tool with `--trust_unlabelled_stats`). Prints the FID of A vs B and the Inception Score of
+each image input when the weights have the classifier; `--json` writes the same. One input:
+statistics and IS only. Bad input ends with one sentence on stderr and exit status 1.
 """
 
 import json
@@ -15,9 +16,9 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 # pylint: disable=g-import-not-at-top
+import numpy as np
 from absl import app
 from absl import flags
-import numpy as np
 from PIL import Image
 
 from ddpm_jax import errors
@@ -54,7 +55,8 @@ _CHUNK = 512  # images decoded at a time from a folder
 
 
 def _folder_batches(paths):
-  """uint8 [n, H, W, C] chunks of a folder's images: L stays one channel, anything else becomes RGB."""
+  """uint8 [n, H, W, C] chunks of a folder's images: L stays one channel, anything else becomes
+  RGB."""
   first = None
   for start in range(0, len(paths), _CHUNK):
     chunk = []
@@ -114,7 +116,9 @@ def _inception_score(logits) -> dict:
   if len(logits) < FLAGS.is_splits:
     return {
       "inception_score": None,
-      "inception_score_note": f"unavailable: fewer images ({len(logits)}) than splits ({FLAGS.is_splits})",
+      "inception_score_note": (
+        f"unavailable: fewer images ({len(logits)}) than splits ({FLAGS.is_splits})"
+      ),
     }
   mean, std = fid_lib.inception_score(logits, FLAGS.is_splits)
   return {"inception_score": mean, "inception_score_std": std}

@@ -1,4 +1,5 @@
-"""Pixels: conversions at the model boundary ([0, 255] <-> [-1, 1]), sample grids, chain strips, PNG files."""
+"""Pixels: conversions at the model boundary ([0, 255] <-> [-1, 1]), sample grids, chain strips, PNG
+files."""
 
 import math
 

@@ -2,10 +2,10 @@
 
 Two source images are diffused to the same step t with q_sample, mixed linearly,
 x_t = (1 - lambda) x_t + lambda x'_t, and decoded by the reverse process from t down to 0. The two
-sources get independent noise (as the official code); both that noise and the reverse process's noise
-depend only on the pair, never on lambda or t, so along a row only lambda changes (the paper fixes the
-noise the same way). The decoding is one jitted `lax.fori_loop` whose length t is an argument, so every
-t runs the same compiled program.
+sources get independent noise (as the official code); both that noise and the reverse process's
+noise depend only on the pair, never on lambda or t, so along a row only lambda changes (the paper
+fixes the noise the same way). The decoding is one jitted `lax.fori_loop` whose length t is an
+argument, so every t runs the same compiled program.
 
 Configured t follow the paper's numbering: t in [1, T] is the number of noising steps, i.e. the
 0-indexed timestep t - 1 of this package; the paper's t = 1000 of T = 1000 is t = T here.
@@ -74,7 +74,7 @@ def make_interpolator(model, d: dm.Diffusion, mesh, *, image_shape, clip_denoise
   )
 
 
-# ----------------------------------------------------------------------------- the --mode=interpolate driver
+# -------------------------------------------------------------------- the --mode=interpolate driver
 
 
 def check_config(interpolation_config, num_timesteps: int):
@@ -112,7 +112,8 @@ def check_config(interpolation_config, num_timesteps: int):
 
 
 def load_sources(config):
-  """The uint8 source pairs [P, H, W, C] x 2: the two image files, or images (0, 1), (2, 3), ... of the split."""
+  """The uint8 source pairs [P, H, W, C] x 2: the two image files, or images (0, 1), (2, 3), ... of
+  the split."""
   c = config.interpolation
   if c.image1:
     files = data.ImageFolderSource(
@@ -146,7 +147,8 @@ def _process_block(rows: np.ndarray, mesh) -> jax.Array:
 def interpolations(
   fn, params, *, key, sources1, sources2, lambdas, timesteps, batch_size: int, mesh
 ):
-  """uint8 decodings [len(timesteps), P, L, H, W, C] of every pair, lambda and (1-based) t, in batches."""
+  """uint8 decodings [len(timesteps), P, L, H, W, C] of every pair, lambda and (1-based) t, in
+  batches."""
   num_pairs, num_lambdas = len(sources1), len(lambdas)
   pair_ids = np.repeat(np.arange(num_pairs, dtype=np.int32), num_lambdas)
   lam = np.tile(np.asarray(lambdas, np.float32), num_pairs)
@@ -170,13 +172,15 @@ def interpolations(
 
 
 def rows_picture(decoded: np.ndarray, sources1: np.ndarray, sources2: np.ndarray) -> np.ndarray:
-  """The paper's layout: one row per entry of `decoded` [R, L, H, W, C], columns [source 1, lambdas.., source 2]."""
+  """The paper's layout: one row per entry of `decoded` [R, L, H, W, C], columns [source 1,
+  lambdas.., source 2]."""
   strip = np.concatenate([sources1[:, None], decoded, sources2[:, None]], axis=1)
   return images.make_grid(strip.reshape((-1,) + strip.shape[2:]), ncols=strip.shape[1])
 
 
 def run(config, workdir: str) -> str | None:
-  """--mode=interpolate: writes t<t>.png per t, coarse_to_fine.png and interpolations.npz to a new folder."""
+  """--mode=interpolate: writes t<t>.png per t, coarse_to_fine.png and interpolations.npz to a new
+  folder."""
   c = config.interpolation
   built = state_lib.build(config)
   check_config(c, built.diffusion.num_timesteps)

@@ -1,4 +1,5 @@
-"""Entry point: `python -m ddpm_jax.main --config=configs/cifar10.py --workdir=DIR [--mode=train|sample|bpd|fid|...]`.
+"""Entry point: `python -m ddpm_jax.main --config=configs/cifar10.py --workdir=DIR
+[--mode=train|sample|bpd|fid|...]`.
 
 `--config.training.batch_size=64`-style flags override any key of the config file. Every user
 mistake ends the program with one sentence on stderr and exit status 1. TensorFlow's start-up
@@ -14,10 +15,10 @@ os.environ.setdefault(
 )  # TensorFlow (for TFDS, TensorBoard) is quiet unless asked
 
 # pylint: disable=g-import-not-at-top
+import jax
 from absl import app
 from absl import flags
 from absl import logging
-import jax
 from ml_collections import config_flags
 
 from ddpm_jax import console
@@ -82,7 +83,8 @@ def run(config, workdir: str, mode: str):
 
 
 def _library_chatter_filter():
-  """A log filter that keeps JAX's and orbax's warnings and drops their INFO records (every save, backend probing)."""
+  """A log filter that keeps JAX's and orbax's warnings and drops their INFO records (every save,
+  backend probing)."""
   import orbax.checkpoint  # pylint: disable=g-import-not-at-top
 
   chatty = tuple(os.path.dirname(m.__file__) + os.sep for m in (jax, orbax.checkpoint))

@@ -10,7 +10,9 @@ import os
 import jax
 import numpy as np
 from absl import logging
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from ddpm_jax.errors import ConfigError
 
@@ -20,7 +22,8 @@ _TPU_POD_VARS = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
 
 
 def _in_cluster_environment() -> bool:
-  """True in a multi-host TPU pod or a SLURM job of several tasks, where jax.distributed is needed."""
+  """True in a multi-host TPU pod or a SLURM job of several tasks, where jax.distributed is
+  needed."""
   if any(v in os.environ for v in _TPU_POD_VARS):
     hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
     return "," in hosts or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ
@@ -28,7 +31,8 @@ def _in_cluster_environment() -> bool:
 
 
 def maybe_initialize_distributed(distributed_config) -> None:
-  """Calls `jax.distributed.initialize` when the config asks or the environment is a pod / SLURM job.
+  """Calls `jax.distributed.initialize` when the config asks or the environment is a pod / SLURM
+  job.
 
   Must run before anything touches a JAX device.
   """
@@ -60,7 +64,8 @@ def make_mesh() -> Mesh:
 
 
 def check_batch_size(batch_size: int, *, what: str) -> None:
-  """Fails early, with the numbers, when a global batch cannot be split evenly over devices and hosts."""
+  """Fails early, with the numbers, when a global batch cannot be split evenly over devices and
+  hosts."""
   n, hosts = jax.device_count(), jax.process_count()
   if batch_size <= 0 or batch_size % n:
     raise ConfigError(
@@ -74,7 +79,8 @@ def check_batch_size(batch_size: int, *, what: str) -> None:
 
 
 def round_up_to_devices(n: int) -> int:
-  """The smallest batch >= n that splits evenly over all devices (extra samples are dropped later)."""
+  """The smallest batch >= n that splits evenly over all devices (extra samples are dropped
+  later)."""
   d = jax.device_count()
   return -(-n // d) * d
 
@@ -99,14 +105,14 @@ def global_batch(local_batch: np.ndarray, mesh: Mesh, batch_axis: int = 0) -> ja
 
 class DevicePrefetcher:
   """Global batches placed on the devices one dispatch ahead, so the next batch's host read and
-  host->device copy overlap the step that is running (where dispatch is asynchronous: accelerators and
-  multi-device CPU meshes; on one CPU device `ddpm_jax.main` dispatches synchronously, and the read
-  follows the step).
+  host->device copy overlap the step that is running (where dispatch is asynchronous: accelerators
+  and multi-device CPU meshes; on one CPU device `ddpm_jax.main` dispatches synchronously, and the
+  read follows the step).
 
   `take(n)` returns the next n host batches stacked as one global array [n, B, ...] (sharded on
   axis 1); `prefetch(n)` reads and places the following n now. The host iterator thus runs ahead of
-  what was handed out: `rewind()` sets it back to just after the last batch handed out (dropping what
-  was read ahead), so its `get_state()` is the position a checkpoint must hold.
+  what was handed out: `rewind()` sets it back to just after the last batch handed out (dropping
+  what was read ahead), so its `get_state()` is the position a checkpoint must hold.
   """
 
   def __init__(self, host_iterator, mesh: Mesh):

@@ -1,9 +1,11 @@
-"""Timestep respacing (Nichol & Dhariwal 2021): sample with a subset of the T steps (REFERENCE.md §6).
+"""Timestep respacing (Nichol & Dhariwal 2021): sample with a subset of the T steps
+(REFERENCE.md §6).
 
-Which steps are kept follows improved-diffusion's `space_timesteps` (sections with near-equal strides,
-or `ddimN`) or diffusers' DDIMScheduler "leading" spacing. The respaced `Diffusion` has betas
-recomputed from the kept alphas_cumprod, so every formula of `diffusion.py` applies to it unchanged;
-its index k stands for the original timestep `timesteps[k]`, which is what the network must see.
+Which steps are kept follows improved-diffusion's `space_timesteps` (sections with near-equal
+strides, or `ddimN`) or diffusers' DDIMScheduler "leading" spacing. The respaced `Diffusion` has
+betas recomputed from the kept alphas_cumprod, so every formula of `diffusion.py` applies to it
+unchanged; its index k stands for the original timestep `timesteps[k]`, which is what the network
+must see.
 """
 
 import numpy as np
@@ -17,9 +19,10 @@ SPACINGS = ("uniform", "ddim", "leading")  # or "ddimN", or section counts "a,b,
 def space_timesteps(num_timesteps: int, section_counts) -> np.ndarray:
   """The kept steps, ascending int32, by improved-diffusion's rule.
 
-  `section_counts` is "ddimN" (range(0, T, stride) for the smallest stride giving exactly N steps), or
-  counts [c_1, ..., c_k] (or "c_1,...,c_k"): 0..T-1 split into k near-equal sections (the first T mod k
-  one longer), section i keeping c_i steps at start + round(j * (size - 1) / (c_i - 1)), Python rounding.
+  `section_counts` is "ddimN" (range(0, T, stride) for the smallest stride giving exactly N steps),
+  or counts [c_1, ..., c_k] (or "c_1,...,c_k"): 0..T-1 split into k near-equal sections (the first T
+  mod k one longer), section i keeping c_i steps at start + round(j * (size - 1) / (c_i - 1)),
+  Python rounding.
   """
   T = int(num_timesteps)
   if isinstance(section_counts, str) and section_counts.startswith("ddim"):
@@ -55,7 +58,8 @@ def space_timesteps(num_timesteps: int, section_counts) -> np.ndarray:
 
 
 def leading_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
-  """diffusers' DDIMScheduler "leading" spacing: 0, s, 2s, ..., (N-1)s with s = T // N, ascending."""
+  """diffusers' DDIMScheduler "leading" spacing: 0, s, 2s, ..., (N-1)s with s = T // N,
+  ascending."""
   return np.arange(num_steps, dtype=np.int32) * (num_timesteps // num_steps)
 
 
@@ -67,7 +71,8 @@ def _parse_int(text: str, whole: str) -> int:
 
 
 def kept_timesteps(*, spacing: str, num_steps: int, num_timesteps: int) -> np.ndarray:
-  """The steps a `config.sampling` (spacing, num_steps) keeps; num_steps = -1 means all T. Validated."""
+  """The steps a `config.sampling` (spacing, num_steps) keeps; num_steps = -1 means all T.
+  Validated."""
   T = int(num_timesteps)
   if num_steps != -1 and not 1 <= num_steps <= T:
     raise ConfigError(
@@ -124,12 +129,13 @@ def respaced_betas(alphas_cumprod: np.ndarray, timesteps) -> np.ndarray:
 
 
 def respace(d: dm.Diffusion, timesteps) -> dm.Diffusion:
-  """The diffusion over the kept steps only (index k = original step timesteps[k]); `d` itself when all
-  T are kept, so that the full schedule stays bit-identical."""
+  """The diffusion over the kept steps only (index k = original step timesteps[k]); `d` itself when
+  all T are kept, so that the full schedule stays bit-identical."""
   kept = check_timesteps(timesteps, d.num_timesteps)
   if len(kept) == d.num_timesteps:
     return d
-  # abar in float64 from the stored float32 betas: ratios of it lose nothing beyond float32's precision.
+  # abar in float64 from the stored float32 betas: ratios of it lose nothing beyond float32's
+  # precision.
   abar = np.cumprod(1.0 - np.asarray(d.betas, np.float64))
   return dm.make_diffusion(
     respaced_betas(abar, kept),

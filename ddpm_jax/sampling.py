@@ -1,5 +1,5 @@
-"""Samplers, each one jitted `lax.fori_loop` over its reverse steps: ancestral (Algorithm 2) over all T
-steps or a respaced subset of them, and DDIM (REFERENCE.md §6).
+"""Samplers, each one jitted `lax.fori_loop` over its reverse steps: ancestral (Algorithm 2) over
+all T steps or a respaced subset of them, and DDIM (REFERENCE.md §6).
 
 The batch is sharded over the `data` mesh axis and the parameters are an argument of the
 compiled function (never closed over), so one compilation serves every checkpoint. Every
@@ -27,7 +27,8 @@ METHODS = ("ancestral", "ddim")
 
 
 class Chain(NamedTuple):
-  """Progressive sampling records, taken after the reverse steps at t = ..., 2k, k, 0 (see `record_steps`)."""
+  """Progressive sampling records, taken after the reverse steps at t = ..., 2k, k, 0 (see
+  `record_steps`)."""
 
   timesteps: np.ndarray  # [R] the original t whose reverse step made each record, descending
   x: jax.Array  # [R, B, H, W, C] x_{t-1} after that step
@@ -35,7 +36,8 @@ class Chain(NamedTuple):
 
 
 def record_timesteps(num_timesteps: int, record_every: int) -> np.ndarray:
-  """The timesteps recorded by a progressive run over all T steps, in sampling order (descending, ending at 0)."""
+  """The timesteps recorded by a progressive run over all T steps, in sampling order (descending,
+  ending at 0)."""
   return np.arange(0, num_timesteps, record_every)[::-1]
 
 
@@ -49,9 +51,10 @@ def record_interval(num_timesteps: int, every: int = 0, *, frames: int = 10) -> 
 
 
 def record_steps(timesteps, record_every: int) -> np.ndarray:
-  """Indices k (descending) into the kept `timesteps` after whose reverse step a record is taken: the last
-  step, and each step from t = timesteps[k] for which (timesteps[k - 1], t] holds a multiple of
-  `record_every` (with every step kept, the recorded t are those of `record_timesteps`)."""
+  """Indices k (descending) into the kept `timesteps` after whose reverse step a record is taken:
+  the last step, and each step from t = timesteps[k] for which (timesteps[k - 1], t] holds a
+  multiple of `record_every` (with every step kept, the recorded t are those of
+  `record_timesteps`)."""
   kept = np.asarray(timesteps)
   previous = np.append(-1, kept[:-1])
   return np.flatnonzero(kept // record_every > previous // record_every)[::-1]
@@ -69,8 +72,9 @@ def _check_method(method: str, eta: float):
 
 
 def sampler_options(sampling_config, num_timesteps: int) -> dict:
-  """The `make_sampler` keyword options a `config.sampling` section asks for (method, timesteps, eta),
-  validated; configs saved before these keys existed mean ancestral sampling over all T steps."""
+  """The `make_sampler` keyword options a `config.sampling` section asks for (method, timesteps,
+  eta), validated; configs saved before these keys existed mean ancestral sampling over all T
+  steps."""
   c = sampling_config
   method, eta = c.get("method", "ancestral"), float(c.get("eta", 0.0))
   _check_method(method, eta)
@@ -83,7 +87,8 @@ def sampler_options(sampling_config, num_timesteps: int) -> dict:
 
 
 def describe(sampling_config, num_timesteps: int) -> dict:
-  """What a result file records about how its samples were drawn: method, number of steps, spacing, eta."""
+  """What a result file records about how its samples were drawn: method, number of steps, spacing,
+  eta."""
   options = sampler_options(sampling_config, num_timesteps)
   return {
     "method": options["method"],
@@ -111,8 +116,9 @@ def make_sampler(
   `ids` [B] are global sample ids, sharded over devices; B must divide by the device count.
   `timesteps`: the kept steps, ascending (None: all T); the network sees these original indices, the
   update uses the schedule respaced to them. `method`: "ancestral" (p_sample) or "ddim" with `eta`.
-  x_T and the noise of the step from t are drawn from `fold_in(fold_in(key, id), T or t)` whatever is kept.
-  `as_uint8=False` returns the float32 images (and records) unclipped instead, for comparisons with other code.
+  x_T and the noise of the step from t are drawn from `fold_in(fold_in(key, id), T or t)` whatever
+  is kept. `as_uint8=False` returns the float32 images (and records) unclipped instead, for
+  comparisons with other code.
   """
   _check_method(method, eta)
   T = d.num_timesteps
@@ -170,7 +176,8 @@ def make_sampler(
 
 
 def sample_ids(start: int, batch_size: int, mesh):
-  """Global sample ids start .. start+batch_size-1, sharded over devices (each process gives its block)."""
+  """Global sample ids start .. start+batch_size-1, sharded over devices (each process gives its
+  block)."""
   local = batch_size // jax.process_count()
   first = start + jax.process_index() * local
   return parallel.global_batch(np.arange(first, first + local, dtype=np.int32), mesh)
@@ -179,7 +186,8 @@ def sample_ids(start: int, batch_size: int, mesh):
 def generate(
   sample_fn, params, *, key, num_samples: int, batch_size: int, mesh, progress=None
 ) -> np.ndarray:
-  """`num_samples` uint8 images [N, H, W, C] in batches of `batch_size` (any N; the last batch is cut).
+  """`num_samples` uint8 images [N, H, W, C] in batches of `batch_size` (any N; the last batch is
+  cut).
 
   `progress(done, total, seconds)` is called after every batch.
   """

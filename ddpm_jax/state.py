@@ -22,7 +22,8 @@ class TrainState(NamedTuple):
 
 
 def make_optimizer(training_config):
-  """Adam after global-norm clipping, with linear warmup from 0 (the official recipe). Returns (tx, lr_fn)."""
+  """Adam after global-norm clipping, with linear warmup from 0 (the official recipe). Returns (tx,
+  lr_fn)."""
   c = training_config
   lr_fn = (
     optax.linear_schedule(0.0, c.learning_rate, c.warmup_steps)
@@ -37,7 +38,8 @@ def make_optimizer(training_config):
 
 
 class Built(NamedTuple):
-  """What a config describes: the diffusion, the U-Net, the optimizer and its learning-rate schedule."""
+  """What a config describes: the diffusion, the U-Net, the optimizer and its learning-rate
+  schedule."""
 
   diffusion: dm.Diffusion
   model: unet.UNet
@@ -63,7 +65,8 @@ def image_shape(config):
 
 
 def init_state(model, tx, *, seed: int, shape) -> TrainState:
-  """Fresh parameters (the official initialisation), EMA equal to them, optimizer state, the base key."""
+  """Fresh parameters (the official initialisation), EMA equal to them, optimizer state, the base
+  key."""
   key = jax.random.key(seed)
   x = jnp.zeros((1,) + tuple(shape), jnp.float32)
   params = model.init(
@@ -73,7 +76,8 @@ def init_state(model, tx, *, seed: int, shape) -> TrainState:
 
 
 def state_from_params(params, tx, *, seed: int, step: int = 0) -> TrainState:
-  """A train state at `step` holding `params` (EMA equal to them), fresh optimizer state, the base key."""
+  """A train state at `step` holding `params` (EMA equal to them), fresh optimizer state, the base
+  key."""
   params = jax.tree.map(jnp.asarray, params)
   return TrainState(
     step=jnp.asarray(step, jnp.int32),
@@ -85,7 +89,8 @@ def state_from_params(params, tx, *, seed: int, step: int = 0) -> TrainState:
 
 
 def abstract_state(model, tx, *, shape, mesh):
-  """Shapes, dtypes and (replicated) shardings of a train state, for restoring without initialising."""
+  """Shapes, dtypes and (replicated) shardings of a train state, for restoring without
+  initialising."""
   abstract = jax.eval_shape(lambda: init_state(model, tx, seed=0, shape=shape))
   sharding = parallel.replicated(mesh)
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)

@@ -8,6 +8,7 @@ import functools
 import os
 import signal
 import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -66,7 +67,8 @@ def make_train_step(
 
     def loss_fn(params):
       def model_fn(x_t, t):
-        # each example's dropout masks come from its own key: they depend on its id, not on the device count
+        # each example's dropout masks come from its own key: they depend on its id, not on the
+        # device count
         return model.apply(params, x_t, t, train=True, dropout_keys=dropout_keys)
 
       return jnp.mean(dm.training_losses(d, model_fn, x_start=x_start, t=t, noise=noise))
@@ -111,7 +113,8 @@ def make_train_step(
 
 
 class _Preemption:
-  """Turns SIGTERM / SIGINT into a flag the loop checks between steps (a second SIGINT still kills)."""
+  """Turns SIGTERM / SIGINT into a flag the loop checks between steps (a second SIGINT still
+  kills)."""
 
   def __init__(self, install: bool = True):
     self.signal = None
@@ -134,7 +137,8 @@ class _Preemption:
 
 
 def _summary_writer(workdir):
-  """TensorBoard event files in WORKDIR (process 0). `main` keeps TensorFlow off the accelerators."""
+  """TensorBoard event files in WORKDIR (process 0). `main` keeps TensorFlow off the
+  accelerators."""
   if jax.process_index() != 0:
     return None
   from flax.metrics import tensorboard  # pylint: disable=g-import-not-at-top
@@ -149,15 +153,15 @@ def _format_duration(seconds: float) -> str:
 
 
 class _Logger:
-  """Collects per-step metrics on device and reports them every log_every steps (stdout + TensorBoard)."""
+  """Collects per-step metrics on device and reports them every log_every steps (stdout +
+  TensorBoard)."""
 
   def __init__(
     self, writer, *, num_steps: int, batch_size: int, start_step: int, newest_checkpoint=lambda: ""
   ):
     self.writer, self.num_steps, self.batch_size = writer, num_steps, batch_size
-    self.newest_checkpoint = (
-      newest_checkpoint  # () -> a sentence naming the newest checkpoint on disk
-    )
+    # () -> a sentence naming the newest checkpoint on disk
+    self.newest_checkpoint = newest_checkpoint
     self.pending = []  # (first step, metrics dict of device arrays [k])
     self.last_time, self.last_step = time.time(), start_step
     self.last_loss = None
@@ -173,7 +177,8 @@ class _Logger:
       if bad.any():
         i = int(np.argmax(bad))
         raise NonFiniteError(
-          f"Non-finite loss ({m['loss'][i]}) or gradient norm ({m['grad_norm'][i]}) at step {first + i + 1}; "
+          f"Non-finite loss ({m['loss'][i]}) or gradient norm ({m['grad_norm'][i]}) at step "
+          f"{first + i + 1}; "
           f"stopped without writing a checkpoint. {self.newest_checkpoint()}".strip()
         )
     return fetched
@@ -216,7 +221,8 @@ class _Logger:
 def write_sample_grid(
   workdir, *, sample_fn, params, key, num: int, batch_size: int, mesh, step: int, writer=None
 ):
-  """Samples `num` images with the EMA params and writes WORKDIR/samples/step_<step>.png (process 0)."""
+  """Samples `num` images with the EMA params and writes WORKDIR/samples/step_<step>.png (process
+  0)."""
   imgs = sampling.generate(
     sample_fn, params, key=key, num_samples=num, batch_size=batch_size, mesh=mesh
   )
@@ -232,7 +238,8 @@ def write_sample_grid(
 
 
 def train_and_evaluate(config, workdir: str):
-  """Trains (or resumes) the run in `workdir` to config.training.num_steps. Returns the final state."""
+  """Trains (or resumes) the run in `workdir` to config.training.num_steps. Returns the final
+  state."""
   c = config.training
   validation.validate(config, mode="train")
   parallel.check_batch_size(c.batch_size, what="config.training.batch_size")
@@ -302,13 +309,15 @@ def train_and_evaluate(config, workdir: str):
       manager.seal_finished()  # digests of a checkpoint whose background write has just committed
       step, before = step + n, step
       done = step >= c.num_steps
-      # One process alone never decides to stop: multi-host runs use JAX's synchronised preemption notice.
+      # One process alone never decides to stop: multi-host runs use JAX's synchronised preemption
+      # notice.
       preempted = preemption.signal is not None or manager.reached_preemption(step)
       if crossed(c.log_every, before, step) or done:
         logger.report(step)
       if crossed(c.checkpoint_every, before, step) or done or preempted:
         logger.check_finite()
-        batches.rewind()  # the checkpoint holds the data position of the steps taken, not of the read-ahead
+        # the checkpoint holds the data position of the steps taken, not of the read-ahead
+        batches.rewind()
         checkpoint.save(
           manager, state=state, data_iterator=data_iterator, config=config, force=True
         )

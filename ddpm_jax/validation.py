@@ -27,7 +27,8 @@ def _int(section, path: str, name: str, *, minimum: int):
 
 
 def _real(section, path: str, name: str, *, above=None, at_least=None, below=None):
-  """A finite number in the given bounds (above: strict lower, at_least: inclusive lower, below: strict upper)."""
+  """A finite number in the given bounds (above: strict lower, at_least: inclusive lower, below:
+  strict upper)."""
   value = section[name]
   ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
   bounds = []
@@ -71,7 +72,7 @@ def _string(section, path: str, name: str, *, empty_ok: bool = True):
     )
 
 
-# ----------------------------------------------------------------------------- one function per section
+# ------------------------------------------------------------------------- one function per section
 
 
 def check_seed(config, mode: str):
@@ -237,7 +238,8 @@ SECTION_CHECKS = {
 
 
 def validate(config, *, mode: str) -> None:
-  """Raises ConfigError naming the first key whose value cannot work in `mode`; returns None if all can."""
+  """Raises ConfigError naming the first key whose value cannot work in `mode`; returns None if all
+  can."""
   for name, check in SECTION_CHECKS.items():
     if name in config:
       check(config, mode)

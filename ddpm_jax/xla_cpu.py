@@ -1,18 +1,19 @@
 """XLA:CPU settings for the train step, measured on the U-Net (README "Performance").
 
-Compile options. XLA:CPU hands dots, convolutions and reductions to YNNPACK by default. For the train
-step XLA's own convolutions are faster (+14-16% images/s on 2 cores); for the forward pass, and so the
-sampler, YNNPACK's are (XLA's cost it 2-8%). The option therefore goes on the train step's `jit` alone,
-not into XLA_FLAGS for the whole process, and only where it was measured: CPU devices and jaxlib 0.10.x
-(the option is experimental and XLA refuses names it does not know). XLA_FLAGS that set it win.
+Compile options. XLA:CPU hands dots, convolutions and reductions to YNNPACK by default. For the
+train step XLA's own convolutions are faster (+14-16% images/s on 2 cores); for the forward pass,
+and so the sampler, YNNPACK's are (XLA's cost it 2-8%). The option therefore goes on the train
+step's `jit` alone, not into XLA_FLAGS for the whole process, and only where it was measured: CPU
+devices and jaxlib 0.10.x (the option is experimental and XLA refuses names it does not know).
+XLA_FLAGS that set it win.
 
 Host memory. XLA:CPU allocates a call's temporaries anew on every call (1.1 GB for the CIFAR10 train
 step at batch 16). glibc serves a block that large with a fresh mmap and unmaps it on free, so every
 step first-touches 1.1 GB of new pages: ~270,000 page faults and ~0.4 s of kernel time per step.
-`keep_host_memory` runs single-device CPU computations on the main thread (whose malloc arena grows with
-sbrk, without mmap, once told to) and tells glibc to keep freed memory: the next step reuses the same
-pages (-12% step time). Programs call it first thing (`ddpm_jax.main` calls its two halves around
-`jax.distributed.initialize`); it is process-wide, so the library never does.
+`keep_host_memory` runs single-device CPU computations on the main thread (whose malloc arena grows
+with sbrk, without mmap, once told to) and tells glibc to keep freed memory: the next step reuses
+the same pages (-12% step time). Programs call it first thing (`ddpm_jax.main` calls its two halves
+around `jax.distributed.initialize`); it is process-wide, so the library never does.
 """
 
 import ctypes
@@ -50,10 +51,10 @@ _M_MMAP_MAX = -4  # 0: serve large blocks from the heap, not from one mmap each
 def synchronous_dispatch() -> bool:
   """JAX runs single-device CPU computations on the calling thread instead of a dispatch thread.
 
-  Takes effect only before JAX's backends start (the first computation or device query); returns False,
-  changing nothing, when they have. Other backends and multi-device CPU computations are unaffected. The
-  Python thread then waits for each CPU step: nothing is lost when a step takes seconds and the input
-  pipeline's batches are ready (worker processes, or in memory)."""
+  Takes effect only before JAX's backends start (the first computation or device query); returns
+  False, changing nothing, when they have. Other backends and multi-device CPU computations are
+  unaffected. The Python thread then waits for each CPU step: nothing is lost when a step takes
+  seconds and the input pipeline's batches are ready (worker processes, or in memory)."""
   import jax  # pylint: disable=g-import-not-at-top
   from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top  (no public "backends started?")
 
@@ -64,10 +65,10 @@ def synchronous_dispatch() -> bool:
 
 
 def retain_freed_memory() -> bool:
-  """Tells glibc's malloc to serve large blocks from the heap and never to trim it (every arena keeps its
-  peak), so that the main thread's memory freed by one train step is reused by the next without page
-  faults. Returns False where the C library is not glibc (nothing is changed there); with another
-  allocator preloaded (tcmalloc, jemalloc) the call changes nothing either."""
+  """Tells glibc's malloc to serve large blocks from the heap and never to trim it (every arena
+  keeps its peak), so that the main thread's memory freed by one train step is reused by the next
+  without page faults. Returns False where the C library is not glibc (nothing is changed there);
+  with another allocator preloaded (tcmalloc, jemalloc) the call changes nothing either."""
   if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
     return False
   libc = ctypes.CDLL(None)
@@ -75,8 +76,9 @@ def retain_freed_memory() -> bool:
 
 
 def retain_freed_memory_on_one_cpu() -> bool:
-  """retain_freed_memory() when this process computes on one CPU device, the case synchronous dispatch
-  moves onto the main thread; otherwise nothing. Starts JAX's backends. Returns whether applied."""
+  """retain_freed_memory() when this process computes on one CPU device, the case synchronous
+  dispatch moves onto the main thread; otherwise nothing. Starts JAX's backends. Returns whether
+  applied."""
   import jax  # pylint: disable=g-import-not-at-top
 
   return jax.default_backend() == "cpu" and jax.local_device_count() == 1 and retain_freed_memory()

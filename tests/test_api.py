@@ -1,4 +1,5 @@
-"""The library API a notebook uses: no global side effects, no absl flags, quiet and URL-friendly I/O."""
+"""The library API a notebook uses: no global side effects, no absl flags, quiet and URL-friendly
+I/O."""
 
 import json
 import logging
@@ -9,14 +10,17 @@ import sys
 import numpy as np
 from etils import epath
 
-from conftest import REPO, tiny_config
-from ddpm_jax import checkpoint, images, sampling
+from conftest import REPO
+from conftest import tiny_config
+from ddpm_jax import checkpoint
+from ddpm_jax import images
+from ddpm_jax import sampling
 from ddpm_jax.configs import digits
 
-# Run in a fresh interpreter: the libraries ddpm_jax builds on are imported first (JAX, Grain, orbax and
-# TensorFlow define absl flags, and JAX and TensorFlow set environment variables of their own); then
-# everything ddpm_jax adds is measured, on import and after training and sampling through the Python
-# entry points.
+# Run in a fresh interpreter: the libraries ddpm_jax builds on are imported first (JAX, Grain, orbax
+# and TensorFlow define absl flags, and JAX and TensorFlow set environment variables of their own);
+# then everything ddpm_jax adds is measured, on import and after training and sampling through the
+# Python entry points.
 _SCRIPT = r"""
 import json, os, sys
 sys.path.insert(0, os.path.join(sys.argv[1], "tests"))
@@ -38,7 +42,7 @@ config = conftest.tiny_config(training__num_steps=2, training__num_grid_samples=
 final = train.train_and_evaluate(config, sys.argv[2])
 folder = evaluate.dump_samples(config, sys.argv[2])
 print(json.dumps(dict(on_import=on_import, after_run=changes(), step=int(final.step), folder=folder)))
-"""
+"""  # noqa: E501 (the child's source, kept as written)
 
 
 def test_entry_points_run_without_flags_and_change_no_global_state(tmp_path):

@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, config_flags, run_cli, tiny_config
+from conftest import REPO
+from conftest import config_flags
+from conftest import run_cli
+from conftest import tiny_config
 
 TINY = config_flags(tiny_config(), "data", "model", "diffusion", "training", "sampling")
 

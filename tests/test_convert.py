@@ -1,8 +1,8 @@
 """`python -m ddpm_jax.convert`: published checkpoints into a workdir and back out to diffusers.
 
-References are independent of the importer: diffusers' own UNet2DModel computes the expected outputs, and
-the TF checkpoints are written with the official variable names derived here from diffusers' names (the
-scopes of the official `unet.model`), not from the importer's name table.
+References are independent of the importer: diffusers' own UNet2DModel computes the expected
+outputs, and the TF checkpoints are written with the official variable names derived here from
+diffusers' names (the scopes of the official `unet.model`), not from the importer's name table.
 """
 
 import json
@@ -21,7 +21,10 @@ from diffusers import DDPMScheduler
 from diffusers import UNet2DModel
 from safetensors import numpy as safetensors_numpy
 
-from conftest import REPO, config_flags, run_cli, tiny_config
+from conftest import REPO
+from conftest import config_flags
+from conftest import run_cli
+from conftest import tiny_config
 from ddpm_jax import checkpoint
 from ddpm_jax import convert
 from ddpm_jax import data
@@ -38,7 +41,8 @@ TINY_FLAGS = [
   "--config=configs/digits.py",
   *config_flags(TINY, "data", "model", "diffusion", "training", "sampling"),
 ]
-# The tiny U-Net as diffusers builds it, spelled out here rather than taken from convert.diffusers_unet_config.
+# The tiny U-Net as diffusers builds it, spelled out here rather than taken from
+# convert.diffusers_unet_config.
 TINY_UNET = dict(
   sample_size=8,
   in_channels=1,
@@ -99,8 +103,8 @@ def jax_eps(model, params, x, t):
 
 
 def assert_same_weights(folder, reference):
-  """The exported weights are the reference's, bit for bit (outputs then agree as far as torch allows:
-  the same weights loaded from disk already change its outputs by ~3e-6)."""
+  """The exported weights are the reference's, bit for bit (outputs then agree as far as torch
+  allows: the same weights loaded from disk already change its outputs by ~3e-6)."""
   exported = UNet2DModel.from_pretrained(folder).eval()
   expected = reference.state_dict()
   assert exported.state_dict().keys() == expected.keys()
@@ -122,7 +126,8 @@ def save_diffusers(model, folder, **scheduler):
 
 
 def use_legacy_attention_names(path):
-  """Renames to_q/to_k/to_v/to_out.0 to query/key/value/proj_attn, as in the Hub's google/ddpm-* files."""
+  """Renames to_q/to_k/to_v/to_out.0 to query/key/value/proj_attn, as in the Hub's google/ddpm-*
+  files."""
   renames = {
     ".to_q.": ".query.",
     ".to_k.": ".key.",
@@ -144,11 +149,12 @@ TINY_SCHEDULER = dict(
 )
 
 
-# ----------------------------------------------------------------------------- diffusers round trips
+# ---------------------------------------------------------------------------- diffusers round trips
 
 
 def test_cifar10_hub_model_imports_and_exports_exactly(tmp_path):
-  """google/ddpm-cifar10-32's configuration at full size, through the documented command and back."""
+  """google/ddpm-cifar10-32's configuration at full size, through the documented command and
+  back."""
   reference = random_unet(
     1,
     sample_size=32,
@@ -224,8 +230,8 @@ def test_cifar10_hub_model_imports_and_exports_exactly(tmp_path):
 
 
 def test_256_type_pipeline_snapshot_round_trip(tmp_path):
-  """The 256x256 models' layout (6 levels, attention at 16, fixedsmall), at 64x64 with ch 32, saved as a
-  DDPMPipeline snapshot (unet/ and scheduler/ folders)."""
+  """The 256x256 models' layout (6 levels, attention at 16, fixedsmall), at 64x64 with ch 32, saved
+  as a DDPMPipeline snapshot (unet/ and scheduler/ folders)."""
   config = celebahq256.get_config()
   config.data.image_size = 64
   config.model.ch = 32
@@ -278,12 +284,14 @@ def test_torch_bin_weights_load_with_torch_and_need_it(tmp_path, monkeypatch):
     convert.import_checkpoint(str(tmp_path / "bin"), config=TINY, workdir=str(tmp_path / "wd2"))
 
 
-# ----------------------------------------------------------------------------- the official TF checkpoints
+# ---------------------------------------------------------------------- the official TF checkpoints
 
 
 def official_tf_name(key: str, *, num_levels: int) -> str:
-  """The official variable name of a UNet2DModel state-dict key: the scopes of the official unet.model
-  (model/temb/dense0, model/down_{i}/block_{j}/..., model/mid/attn_1, model/up_{i}/upsample/conv, ...)."""
+  """The official variable name of a UNet2DModel state-dict key: the scopes of the official
+  unet.model (model/temb/dense0, model/down_{i}/block_{j}/..., model/mid/attn_1,
+  model/up_{i}/upsample/conv,
+  ...)."""
   layers = {
     "norm1": "norm1",
     "conv1": "conv1",
@@ -383,7 +391,8 @@ def training_checkpoint(ema: dict, raw: dict, *, step=4321) -> dict:
 
 @pytest.fixture(scope="module")
 def tf_twins():
-  """Two random tiny U-Nets standing for the EMA and the raw weights, and their official variables."""
+  """Two random tiny U-Nets standing for the EMA and the raw weights, and their official
+  variables."""
   ema_model, raw_model = random_unet(11, **TINY_UNET), random_unet(12, **TINY_UNET)
   return (
     ema_model,
@@ -434,7 +443,8 @@ def test_tf_checkpoint_imports_ema_by_default_then_samples(tmp_path, tf_twins):
   samples = np.load(tmp_path / "wd" / "samples" / "ckpt_4321_n6_seed0" / "samples.npz")["arr_0"]
   assert samples.shape == (6, 8, 8, 1) and samples.dtype == np.uint8
 
-  # A second import into the same workdir is refused, in one sentence, and leaves the checkpoint alone.
+  # A second import into the same workdir is refused, in one sentence, and leaves the checkpoint
+  # alone.
   result = subprocess.run(
     [
       sys.executable,
@@ -472,7 +482,8 @@ def test_tf_raw_weights_on_request_and_overwrite(tmp_path, tf_twins):
     "config.json",
   ]  # no staging folders left behind
 
-  # Training can continue from an imported workdir: it has no data-iterator position, so data starts afresh.
+  # Training can continue from an imported workdir: it has no data-iterator position, so data starts
+  # afresh.
   iterator = data.train_iterator(
     TINY.data, global_batch_size=8, seed=0, process_index=0, process_count=1
   )
@@ -527,7 +538,8 @@ def test_neither_format_and_missing_paths(tmp_path):
     ),
     (
       "extra",
-      r"1 weight in the TF checkpoint .* has no place in the model: 'model/mid/block_3/conv1/W/Expon",
+      r"1 weight in the TF checkpoint .* has no place in the model: "
+      r"'model/mid/block_3/conv1/W/Expon",
     ),
     (
       "unknown_raw",
@@ -536,7 +548,8 @@ def test_neither_format_and_missing_paths(tmp_path):
     ),
     (
       "shape",
-      r"'model/down_0/block_0/conv2/W/ExponentialMovingAverage' has shape \(3, 3, 32, 16\), which does not "
+      r"'model/down_0/block_0/conv2/W/ExponentialMovingAverage' has shape \(3, 3, 32, 16\), "
+      r"which does not "
       r"fit the model's down_0_block_0/conv2/kernel of shape \(3, 3, 32, 32\)",
     ),
     ("no_ema", r"holds no /ExponentialMovingAverage copies .* pass --raw"),

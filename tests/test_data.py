@@ -6,15 +6,14 @@ and the "not prepared" case runs with sockets disabled.
 
 import socket
 
-import ml_collections
 import numpy as np
-from PIL import Image
 import pytest
+from PIL import Image
 
-from ddpm_jax.configs import default
-from ddpm_jax.configs import digits as digits_config
 from ddpm_jax import data
 from ddpm_jax import images as images_lib
+from ddpm_jax.configs import default
+from ddpm_jax.configs import digits as digits_config
 
 N_FOLDER = 24  # images in the identifiable folder: 4 epochs of batches of 6 fit exactly
 SIZE = 8
@@ -41,7 +40,8 @@ def _take(it, n):
 
 @pytest.fixture(scope="module")
 def id_folder(tmp_path_factory):
-  """24 SIZE x SIZE grayscale PNGs; image i: left half 4 + 8 i, right half 255 (so id and flip are readable)."""
+  """24 SIZE x SIZE grayscale PNGs; image i: left half 4 + 8 i, right half 255 (so id and flip are
+  readable)."""
   root = tmp_path_factory.mktemp("ids")
   for i in range(N_FOLDER):
     image = np.full((SIZE, SIZE), 255, np.uint8)
@@ -339,8 +339,9 @@ def test_model_input_round_trip_is_exact():
 
 
 def test_tfds_prepares_a_dataset_with_its_own_machinery(no_network, tmp_path, monkeypatch):
-  """The first-run path for cifar10 reaches TFDS's download step with the installed dependencies (TFDS
-  once failed before it, on an import it does not declare); the download itself is stopped there."""
+  """The first-run path for cifar10 reaches TFDS's download step with the installed dependencies
+  (TFDS once failed before it, on an import it does not declare); the download itself is stopped
+  there."""
   tfds = data._import_tfds()
 
   class ReachedDownload(Exception):

@@ -78,7 +78,8 @@ def test_q_sample_matches_q_mean_variance():
 
 
 def test_posterior_equals_product_of_gaussians():
-  """q(x_{t-1}|x_t,x0) ∝ q(x_t|x_{t-1}) q(x_{t-1}|x0): precision-weighted mean, summed precisions."""
+  """q(x_{t-1}|x_t,x0) ∝ q(x_t|x_{t-1}) q(x_{t-1}|x0): precision-weighted mean, summed
+  precisions."""
   d = make()
   x0, xt = rand(0), rand(1)
   t = jnp.array([1, 5, 20, T - 1])
@@ -153,8 +154,10 @@ def test_variance_types():
 
 
 def test_fixedsmall_reports_the_official_variance_beside_the_clipped_log_variance():
-  """Official p_mean_variance for fixedsmall: variance = posterior variance (exactly 0 at t = 0), log-variance
-  clipped (log posterior_variance[1] at t = 0); only the log-variance drives sampling and the bound."""
+  """Official p_mean_variance for fixedsmall: variance = posterior variance (exactly 0 at t = 0),
+  log-variance clipped (log posterior_variance[1] at t = 0); only the log-variance drives sampling
+  and the
+  bound."""
   betas = dm.get_beta_schedule("linear", beta_start=1e-4, beta_end=0.4, num_timesteps=T)
   abar = np.cumprod(1 - betas)
   abar_prev = np.append(1.0, abar[:-1])
@@ -340,7 +343,7 @@ def test_bad_betas_array():
     dm.make_diffusion(np.array([0.1, 0.0]))
 
 
-# ----------------------------------------------------------------------------- diffusers' DDPMScheduler
+# ------------------------------------------------------------------------- diffusers' DDPMScheduler
 
 
 torch = pytest.importorskip("torch")

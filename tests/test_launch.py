@@ -1,4 +1,5 @@
-"""launch/: shellcheck, each script's --dry-run, a fake SLURM job of two processes, multi-host preemption."""
+"""launch/: shellcheck, each script's --dry-run, a fake SLURM job of two processes, multi-host
+preemption."""
 
 import os
 import random
@@ -11,12 +12,15 @@ import time
 
 import pytest
 
-from conftest import REPO, config_flags, tiny_config
+from conftest import REPO
+from conftest import config_flags
+from conftest import tiny_config
 
 LAUNCH = os.path.join(REPO, "launch")
 SCRIPTS = ("tpu_pod.sh", "gpu_node.sh", "slurm.sbatch")
-# The tiny config with a one-level U-Net and no sample grid: XLA:CPU's Gloo collectives give up when one
-# process reaches a collective 30 s before the other, so the multi-process tests keep compiles short.
+# The tiny config with a one-level U-Net and no sample grid: XLA:CPU's Gloo collectives give up when
+# one process reaches a collective 30 s before the other, so the multi-process tests keep compiles
+# short.
 TINY = config_flags(
   tiny_config(model__ch_mult=(1,), model__attn_resolutions=(), training__num_grid_samples=0),
   "data",
@@ -48,8 +52,8 @@ def test_launch_script_passes_shellcheck(script):
 
 
 def _dry_run(tmp_path, script, *args, env=None):
-  """Runs `bash launch/SCRIPT --dry-run ARGS` with gcloud, srun, python3 and pip replaced by stubs that
-  leave a mark: a dry run must print commands, never run them. Returns the printed lines."""
+  """Runs `bash launch/SCRIPT --dry-run ARGS` with gcloud, srun, python3 and pip replaced by stubs
+  that leave a mark: a dry run must print commands, never run them. Returns the printed lines."""
   stubs = tmp_path / "stubs"
   stubs.mkdir(exist_ok=True)
   for name in ("gcloud", "srun", "python3", "pip", "sbatch"):
@@ -172,7 +176,7 @@ def test_usage_and_missing_arguments(script):
   assert result.returncode == 2 and "missing" in result.stderr and "--help" in result.stderr
 
 
-# ----------------------------------------------------------------------------- two processes, fake SLURM
+# ------------------------------------------------------------------------ two processes, fake SLURM
 
 _SLURM_PORTS = (
   61440,
@@ -194,8 +198,8 @@ def _free_slurm_job_id() -> str:
 
 
 class _Task:
-  """`python -m ddpm_jax.main` as SLURM would start task `rank` of 2 on one node (2 CPU devices each);
-  its stderr goes to a file, read with `log()`."""
+  """`python -m ddpm_jax.main` as SLURM would start task `rank` of 2 on one node (2 CPU devices
+  each); its stderr goes to a file, read with `log()`."""
 
   def __init__(self, workdir, rank: int, job_id: str, *extra):
     env = dict(
@@ -209,7 +213,8 @@ class _Task:
       SLURM_STEP_NUM_NODES="1",
       SLURM_NNODES="1",
     )
-    # orbax's barriers through the distributed runtime (minutes of patience) instead of a Gloo collective.
+    # orbax's barriers through the distributed runtime (minutes of patience) instead of a Gloo
+    # collective.
     args = [
       "--config=configs/digits.py",
       f"--workdir={workdir}",
@@ -275,7 +280,8 @@ def test_fake_slurm_job_of_two_processes_trains_as_one(tmp_path, tasks):
 
 
 def test_sigterm_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(tmp_path, tasks):
-  """JAX's preemption notice: SIGTERM reaches one host; every host stops at one step and saves it."""
+  """JAX's preemption notice: SIGTERM reaches one host; every host stops at one step and saves
+  it."""
   job_id = _free_slurm_job_id()
   workdir = tmp_path / "w"
   tasks += [

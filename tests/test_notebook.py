@@ -1,4 +1,5 @@
-"""notebooks/ddpm_jax_colab.ipynb runs top to bottom in a fresh kernel, with the quick parameters."""
+"""notebooks/ddpm_jax_colab.ipynb runs top to bottom in a fresh kernel, with the quick
+parameters."""
 
 import os
 import time
@@ -12,7 +13,8 @@ NOTEBOOK = os.path.join(REPO, "notebooks", "ddpm_jax_colab.ipynb")
 
 
 def with_parameters(nb, **values):
-  """Papermill's convention: a cell tagged `injected-parameters` right after the one tagged `parameters`."""
+  """Papermill's convention: a cell tagged `injected-parameters` right after the one tagged
+  `parameters`."""
   index = next(
     i for i, cell in enumerate(nb.cells) if "parameters" in cell.metadata.get("tags", [])
   )

@@ -1,6 +1,8 @@
-"""Every faster path computes what the plain float32 path computes: fused attention, remat, the train
-step's XLA:CPU options, the dense layers' and GroupNorm's written-out gradients, bfloat16 compute
-(loosely), and batches prefetched to the devices; and the host-memory setting does what it is for."""
+"""Every faster path computes what the plain float32 path computes: fused attention, remat, the
+train step's XLA:CPU options, the dense layers' and GroupNorm's written-out gradients, bfloat16
+compute (loosely), and batches prefetched to the devices; and the host-memory setting does what it
+is
+for."""
 
 import functools
 import math
@@ -17,9 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, tiny_config
-from ddpm_jax import data, parallel, train, xla_cpu
+from conftest import REPO
+from conftest import tiny_config
+from ddpm_jax import data
+from ddpm_jax import parallel
 from ddpm_jax import state as state_lib
+from ddpm_jax import train
+from ddpm_jax import xla_cpu
 from ddpm_jax.models import unet
 
 
@@ -53,7 +59,8 @@ def inputs(batch=4, seed=2):
 
 
 def explicit_attention(params, x):
-  """REFERENCE.md's attention block written out: GroupNorm(32), q/k/v, softmax(q k^T / sqrt(C)) v, proj, residual."""
+  """REFERENCE.md's attention block written out: GroupNorm(32), q/k/v, softmax(q k^T / sqrt(C)) v,
+  proj, residual."""
   b, h, w, c = x.shape
   groups = x.reshape(b, h, w, 32, c // 32)
   mean = groups.mean(axis=(1, 2, 4), keepdims=True)
@@ -147,8 +154,9 @@ def test_remat_changes_neither_params_nor_outputs_nor_gradients():
 
 
 def test_a_checkpoint_resumes_with_other_compute_settings_but_not_another_model():
-  """remat and the compute dtype change how the same parameters are used; a checkpoint written before
-  model.remat existed (no such key) must still resume. Another width must still be refused."""
+  """remat and the compute dtype change how the same parameters are used; a checkpoint written
+  before model.remat existed (no such key) must still resume. Another width must still be
+  refused."""
   from ddpm_jax import checkpoint  # pylint: disable=g-import-not-at-top
 
   saved = tiny_config().to_dict()
@@ -165,7 +173,8 @@ def test_a_checkpoint_resumes_with_other_compute_settings_but_not_another_model(
 
 
 def test_per_example_dropout_depends_on_the_example_key_only():
-  """The train step's dropout (no vmap over the network): a batch gives what its halves give, per example."""
+  """The train step's dropout (no vmap over the network): a batch gives what its halves give, per
+  example."""
   model, params = tiny_model(dropout=0.3)
   x, t = inputs(batch=4)
   keys = jax.random.split(jax.random.key(7), 4)
@@ -215,7 +224,8 @@ def test_each_dropout_layer_draws_its_own_masks_from_the_same_keys():
 
 
 def test_bfloat16_compute_is_close_to_float32_in_outputs_and_gradients():
-  """Stated tolerance: outputs within 5% of the output scale, gradients with cosine similarity >= 0.99."""
+  """Stated tolerance: outputs within 5% of the output scale, gradients with cosine similarity >=
+  0.99."""
   model32, params = tiny_model()
   model16, _ = tiny_model(dtype="bfloat16")
   x, t = inputs()
@@ -237,8 +247,9 @@ def test_bfloat16_compute_is_close_to_float32_in_outputs_and_gradients():
 
 
 def test_the_train_step_cpu_options_change_the_program_not_the_step():
-  """The train step compiled with and without xla_cpu.train_step_options: a different optimized program
-  (XLA's convolutions instead of YNNPACK's), the same loss and gradient norm to float32 rounding."""
+  """The train step compiled with and without xla_cpu.train_step_options: a different optimized
+  program (XLA's convolutions instead of YNNPACK's), the same loss and gradient norm to float32
+  rounding."""
   config = tiny_config(model__dropout=0.1)
   built = state_lib.build(config)
   mesh = parallel.make_mesh()
@@ -313,7 +324,7 @@ for _ in range(4):
   f(x).block_until_ready()
   faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 print("FAULTS", min(faults[1:]))
-"""
+"""  # noqa: E501 (the child's source, kept as written)
 
 
 @pytest.mark.skipif(
@@ -321,8 +332,8 @@ print("FAULTS", min(faults[1:]))
   reason="the host-memory setting is glibc's",
 )
 def test_keep_host_memory_lets_each_call_reuse_the_last_ones_pages():
-  """A computation with 132 MiB of temporaries, called repeatedly in a fresh process: by default every
-  call faults them in anew (about 34,000 pages; at least the cumsum's 16,384); with
+  """A computation with 132 MiB of temporaries, called repeatedly in a fresh process: by default
+  every call faults them in anew (about 34,000 pages; at least the cumsum's 16,384); with
   xla_cpu.keep_host_memory() the calls after the first reuse them (synchronous dispatch and glibc
   keeping freed memory are both needed)."""
   pages = 4096 * 4096 * 4 // resource.getpagesize()
@@ -387,8 +398,8 @@ def test_prefetched_batches_are_the_batches_and_rewind_restores_the_position():
 
 @pytest.mark.parametrize("shape", [(3, 5), (2, 4, 4, 64)])
 def test_dense_equals_flax_dense_in_values_and_gradients(shape):
-  """unet.Dense (its gradient written out as 2-D products) against nn.Dense: the same parameters from the
-  same key, the same output, and the same gradients for the input, kernel and bias."""
+  """unet.Dense (its gradient written out as 2-D products) against nn.Dense: the same parameters
+  from the same key, the same output, and the same gradients for the input, kernel and bias."""
   x = jax.random.normal(jax.random.key(0), shape)
   ours, flax_dense = (cls(32, kernel_init=unet.default_init(1.0)) for cls in (unet.Dense, nn.Dense))
   params = ours.init(jax.random.key(1), x)
@@ -408,7 +419,8 @@ def test_dense_equals_flax_dense_in_values_and_gradients(shape):
 
 
 def test_dense_in_bfloat16_is_close_to_float32():
-  """bfloat16 compute (float32 parameters): output and gradients within bfloat16's precision of float32."""
+  """bfloat16 compute (float32 parameters): output and gradients within bfloat16's precision of
+  float32."""
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 64))
   params = random_params(unet.Dense(32).init(jax.random.key(1), x), seed=2)
   weights = jax.random.normal(jax.random.key(3), (2, 8, 8, 32))
@@ -435,7 +447,8 @@ def test_dense_in_bfloat16_is_close_to_float32():
   [((2, 8, 8, 64), "float32"), ((3, 4, 4, 256), "float32"), ((2, 8, 8, 64), "bfloat16")],
 )
 def test_group_norm_equals_flax_group_norm(shape, dtype):
-  """Same function and parameter tree as nn.GroupNorm(32, eps 1e-6, two-pass variance); bfloat16 to its precision."""
+  """Same function and parameter tree as nn.GroupNorm(32, eps 1e-6, two-pass variance); bfloat16 to
+  its precision."""
   ours = unet.GroupNorm(dtype=unet.DTYPES[dtype])
   flax_gn = nn.GroupNorm(
     num_groups=32, epsilon=1e-6, use_fast_variance=False, dtype=unet.DTYPES[dtype]

@@ -16,15 +16,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, config_flags, run_cli, tiny_config
-from ddpm_jax import checkpoint, data, parallel, validation
+from conftest import REPO
+from conftest import config_flags
+from conftest import run_cli
+from conftest import tiny_config
+from ddpm_jax import checkpoint
+from ddpm_jax import data
+from ddpm_jax import parallel
 from ddpm_jax import state as state_lib
+from ddpm_jax import validation
 from ddpm_jax.errors import ConfigError
 
 CONFIG = tiny_config(training__num_steps=6, training__num_grid_samples=0)
 FLAGS = config_flags(CONFIG, "data", "model", "diffusion", "training", "sampling")
-# Lines a clean run may print: our own log lines (train.py, checkpoint.py, evaluate.py), a progress bar,
-# and the one-sentence message of a failure.
+# Lines a clean run may print: our own log lines (train.py, checkpoint.py, evaluate.py), a progress
+# bar, and the one-sentence message of a failure.
 OUR_LINE = re.compile(
   r"^([IW]\d{4} [\d:.]+ +\d+ (main|train|checkpoint|evaluate)\.py:\d+\] |ddpm_jax: |sampling: )"
 )
@@ -37,7 +43,8 @@ def cli(workdir, *extra, mode="train", **kwargs):
 
 
 def assert_clean(stderr: str):
-  """Only our own lines: no traceback, no background-thread report, no start-up output of other libraries."""
+  """Only our own lines: no traceback, no background-thread report, no start-up output of other
+  libraries."""
   assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr[-3000:]
   stray = [line for line in stderr.splitlines() if line.strip() and not OUR_LINE.match(line)]
   assert not stray, "\n".join(stray[:20])
@@ -63,7 +70,8 @@ def params_of(workdir, step):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-  """One uninterrupted 6-step run with checkpoints at steps 2, 4 and 6, shared by the tests (copied per test)."""
+  """One uninterrupted 6-step run with checkpoints at steps 2, 4 and 6, shared by the tests (copied
+  per test)."""
   workdir = tmp_path_factory.mktemp("trained") / "run"
   result = cli(workdir)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -82,19 +90,21 @@ def largest_array_file(workdir, step):
   return max((os.path.join(folder, f) for f in os.listdir(folder)), key=os.path.getsize)
 
 
-# ----------------------------------------------------------------------------- config files and values
+# -------------------------------------------------------------------------- config files and values
 
 
 @pytest.mark.parametrize(
   "body,line,kind",
   [
     (
-      "from ddpm_jax.configs import digits\ndef get_config():\n  c = digits.get_config(\n  return c\n",
+      "from ddpm_jax.configs import digits\ndef get_config():\n  c = digits.get_config(\n"
+      "  return c\n",
       3,
       "SyntaxError",
     ),
     (
-      "from ddpm_jax.configs import digits\ndef get_config():\n  c = digits.get_config()\n  c.training.batch_size = 1 / 0\n"
+      "from ddpm_jax.configs import digits\ndef get_config():\n  c = digits.get_config()\n"
+      "  c.training.batch_size = 1 / 0\n"
       "  return c\n",
       4,
       "ZeroDivisionError",
@@ -213,7 +223,7 @@ def test_sampler_evaluation_and_interpolation_keys_are_checked_before_any_work(m
     validation.validate(config, mode=mode)
 
 
-# ----------------------------------------------------------------------------- corrupted checkpoints
+# ---------------------------------------------------------------------------- corrupted checkpoints
 
 
 def truncate(path):
@@ -255,7 +265,8 @@ def test_training_skips_a_corrupt_newest_checkpoint_and_resumes_bitwise(
   assert result.returncode == 0, result.stderr[-3000:]
   assert_clean(result.stderr)
   assert re.search(
-    rf"Skipping a checkpoint: The checkpoint of step 6 in \S+ is corrupt: \S+ .*{re.escape(reason)}",
+    r"Skipping a checkpoint: The checkpoint of step 6 in \S+ is corrupt: \S+ "
+    rf".*{re.escape(reason)}",
     result.stderr,
   ), result.stderr[-3000:]
   assert "Resumed from the checkpoint of step 4" in result.stderr
@@ -321,7 +332,8 @@ def _mount_tmpfs(path, size):
     )
   except (OSError, subprocess.CalledProcessError) as e:
     pytest.skip(
-      f"cannot mount a tmpfs here to fill a disk ({getattr(e, 'stderr', b'').decode().strip() or e})"
+      "cannot mount a tmpfs here to fill a disk "
+      f"({getattr(e, 'stderr', b'').decode().strip() or e})"
     )
 
 
@@ -356,7 +368,8 @@ def test_a_full_disk_is_one_sentence_and_keeps_the_earlier_checkpoints(trained, 
 
 
 def _train_and_interfere(workdir, interfere, prefix=()):
-  """Resumes the run to step 1000 (checkpoints every 6 steps), calls interfere() once step 7 is logged."""
+  """Resumes the run to step 1000 (checkpoints every 6 steps), calls interfere() once step 7 is
+  logged."""
   args = [
     "--config=configs/digits.py",
     f"--workdir={workdir}",
@@ -387,7 +400,8 @@ def test_lost_permission_mid_run_is_one_sentence_and_keeps_the_earlier_checkpoin
   trained, tmp_path
 ):
   workdir = copy_of(trained, tmp_path)
-  # root ignores permissions: run without the capabilities that let it, as an ordinary user would be.
+  # root ignores permissions: run without the capabilities that let it, as an ordinary user would
+  # be.
   drop = [
     "setpriv",
     "--inh-caps=-dac_override,-dac_read_search",
@@ -423,8 +437,8 @@ def test_a_vanished_workdir_is_one_sentence_and_nothing_is_written_in_its_place(
   assert returncode == 1, stderr[-3000:]
   assert_clean(stderr)
   assert last_sentence(stderr) == (
-    f"ddpm_jax: error: Could not write the checkpoint of step 12: {workdir / 'checkpoints'} was removed or "
-    "replaced during the run; restore it (or start again with a new --workdir)."
+    f"ddpm_jax: error: Could not write the checkpoint of step 12: {workdir / 'checkpoints'} was "
+    "removed or replaced during the run; restore it (or start again with a new --workdir)."
   )
   assert not os.path.exists(workdir / "checkpoints")
   assert sorted(os.listdir(moved / "checkpoints")) == ["2", "4", "6"]
@@ -434,8 +448,8 @@ def test_a_vanished_workdir_is_one_sentence_and_nothing_is_written_in_its_place(
 
 
 def write_nan_checkpoint(workdir, *, from_step, step):
-  """The state of `from_step` with NaN parameters, saved as `step` the way training saves (digests included),
-  so that training diverges at step + 1 with the program it already compiled."""
+  """The state of `from_step` with NaN parameters, saved as `step` the way training saves (digests
+  included), so that training diverges at step + 1 with the program it already compiled."""
   built = state_lib.build(CONFIG)
   abstract = state_lib.abstract_state(
     built.model, built.tx, shape=state_lib.image_shape(CONFIG), mesh=parallel.make_mesh()
@@ -461,7 +475,8 @@ def test_the_nan_stop_names_the_newest_checkpoint_on_disk(trained, tmp_path):
   assert result.returncode == 1
   assert_clean(result.stderr)
   assert last_sentence(result.stderr) == (
-    "ddpm_jax: training stopped: Non-finite loss (nan) or gradient norm (nan) at step 9; stopped without writing "
-    f"a checkpoint. The newest checkpoint on disk is step 8 ({workdir / 'checkpoints' / '8'})."
+    "ddpm_jax: training stopped: Non-finite loss (nan) or gradient norm (nan) at step 9; stopped "
+    "without writing a checkpoint. The newest checkpoint on disk is step 8 "
+    f"({workdir / 'checkpoints' / '8'})."
   )
   assert sorted(int(s) for s in os.listdir(workdir / "checkpoints")) == [2, 4, 6, 8]

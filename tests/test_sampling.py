@@ -9,7 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import config_flags, run_cli, tiny_config
+from conftest import config_flags
+from conftest import run_cli
+from conftest import tiny_config
 from ddpm_jax import diffusion as dm
 from ddpm_jax import evaluate
 from ddpm_jax import images
@@ -20,26 +22,26 @@ from ddpm_jax import sampling
 from ddpm_jax import state as state_lib
 from ddpm_jax.errors import ConfigError
 
-
 # ----------------------------------------------------------------------------- which steps are kept
 
 
 @pytest.mark.parametrize(
   "T,section_counts,expected",
   [
-    # "ddimN": the smallest stride i with len(range(0, T, i)) == N. ceil(1000 / i) = 10 first at i = 100.
+    # "ddimN": the smallest stride i with len(range(0, T, i)) == N. ceil(1000 / i) = 10 first at
+    # i = 100.
     (1000, "ddim10", list(range(0, 1000, 100))),
     # ceil(1000 / i) = 30 needs 33.3 <= i < 34.5: i = 34, so 0, 34, ..., 986 (29 * 34).
     (1000, "ddim30", list(range(0, 987, 34))),
-    # One section of 20 steps, 10 kept: stride 19 / 9 = 2.11; round(0, 2.11, 4.22, 6.33, 8.44, 10.56, 12.67,
-    # 14.78, 16.89, 19.0) = 0 2 4 6 8 11 13 15 17 19.
+    # One section of 20 steps, 10 kept: stride 19 / 9 = 2.11; round(0, 2.11, 4.22, 6.33, 8.44,
+    # 10.56, 12.67, 14.78, 16.89, 19.0) = 0 2 4 6 8 11 13 15 17 19.
     (20, [10], [0, 2, 4, 6, 8, 11, 13, 15, 17, 19]),
     # Two sections of 10: [0..9] keeps 3 at stride 4.5: 0, round(4.5) = 4 (half to even), 9;
     # [10..19] keeps 4 at stride 3: 10, 13, 16, 19.
     (20, [3, 4], [0, 4, 9, 10, 13, 16, 19]),
     (20, "3,4", [0, 4, 9, 10, 13, 16, 19]),
-    # 10 steps in 3 sections: the first T mod 3 = 1 section one longer: sizes 4, 3, 3 starting at 0, 4, 7;
-    # a count of 1 keeps the section's first step.
+    # 10 steps in 3 sections: the first T mod 3 = 1 section one longer: sizes 4, 3, 3 starting at 0,
+    # 4, 7; a count of 1 keeps the section's first step.
     (10, [1, 1, 1], [0, 4, 7]),
     # 11 steps in 2 sections of 6 and 5: stride 5 -> 0, 5; then all of 6..10.
     (11, [2, 5], [0, 5, 6, 7, 8, 9, 10]),
@@ -71,7 +73,8 @@ def test_config_spacing_names(spacing, num_steps, expected):
 
 
 def test_respaced_betas_keep_the_kept_alphas_cumprod():
-  """abar'_k = abar[s_k]: in float64 exactly (to rounding), and in the float32 respaced Diffusion."""
+  """abar'_k = abar[s_k]: in float64 exactly (to rounding), and in the float32 respaced
+  Diffusion."""
   betas = dm.get_beta_schedule("linear", beta_start=1e-4, beta_end=0.02, num_timesteps=1000)
   d = dm.make_diffusion(betas)
   abar64 = np.cumprod(1.0 - betas)
@@ -97,7 +100,7 @@ def test_respaced_betas_keep_the_kept_alphas_cumprod():
   np.testing.assert_allclose(respace.respaced_betas(abar64, np.arange(1000)), betas, rtol=1e-9)
 
 
-# ----------------------------------------------------------------------------- samplers on a stand-in network
+# ------------------------------------------------------------------- samplers on a stand-in network
 
 
 class StandInModel:
@@ -116,7 +119,8 @@ SHAPE = (4, 4, 1)
 
 
 def _stand_in_noise(key, ids, t):
-  """The noise the sampler draws for sample `ids` at original timestep t (or x_T at t = T), as documented."""
+  """The noise the sampler draws for sample `ids` at original timestep t (or x_T at t = T), as
+  documented."""
   return np.stack(
     [
       np.asarray(jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, int(i)), t), SHAPE))
@@ -126,7 +130,8 @@ def _stand_in_noise(key, ids, t):
 
 
 def _algorithm2_before_respacing(model, d, mesh, params, key, ids, *, shape):
-  """The sampler as it was before respacing existed (float output), the reference for bit-identity."""
+  """The sampler as it was before respacing existed (float output), the reference for
+  bit-identity."""
   T = d.num_timesteps
 
   def per_device(params, key, ids):
@@ -170,7 +175,8 @@ def test_all_steps_kept_is_algorithm_2_bit_for_bit():
 
 
 def _respaced_by_hand(d, kept, params, key, ids, *, method, eta=0.0):
-  """Python loop over the kept steps, betas respaced here from the formula, noise keyed by original t."""
+  """Python loop over the kept steps, betas respaced here from the formula, noise keyed by original
+  t."""
   abar = np.cumprod(1.0 - np.asarray(d.betas, np.float64))[kept]
   spaced = dm.make_diffusion(1.0 - abar / np.append(1.0, abar[:-1]))
   x = jnp.asarray(_stand_in_noise(key, ids, d.num_timesteps))
@@ -207,7 +213,7 @@ def test_respaced_sampler_sees_original_timesteps_and_their_noise(method, eta):
   )
 
 
-# ----------------------------------------------------------------------------- DDIM against diffusers
+# --------------------------------------------------------------------------- DDIM against diffusers
 
 _ddim_step = jax.jit(dm.ddim_sample, static_argnames=("eta", "clip_denoised"))
 
@@ -222,7 +228,8 @@ def _diffusers_ddim(d, num_steps, **kwargs):
     **kwargs,
   )
   scheduler.set_timesteps(num_steps)
-  # The same float32 alphas_cumprod as ours (diffusers' own is a float32 cumprod, ~1e-5 off after 1000 steps).
+  # The same float32 alphas_cumprod as ours (diffusers' own is a float32 cumprod, ~1e-5 off after
+  # 1000 steps).
   scheduler.alphas_cumprod = torch.tensor(np.asarray(d.alphas_cumprod))
   return scheduler
 
@@ -299,7 +306,8 @@ def test_ddim_x0_prediction_matches_diffusers_sample_prediction():
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 def test_ddim_sampler_loop_matches_a_diffusers_loop(eta):
-  """The whole compiled DDIM loop (stand-in network) against diffusers' loop fed the sampler's x_T and noise."""
+  """The whole compiled DDIM loop (stand-in network) against diffusers' loop fed the sampler's x_T
+  and noise."""
   d = dm.make_diffusion(
     dm.get_beta_schedule("linear", beta_start=1e-4, beta_end=0.02, num_timesteps=1000)
   )
@@ -361,8 +369,8 @@ def test_respaced_progressive_records_end_at_the_sample():
   d = dm.from_config(tiny_config(diffusion__num_timesteps=20).diffusion)
   mesh = parallel.make_mesh()
   kept = [0, 4, 9, 10, 13, 16, 19]
-  # record_every = 5: a record after the step from t when (next kept step, t] holds a multiple of 5 -- from
-  # 16 (15), 10 (10), 9 (5) -- and after the last step, from 0.
+  # record_every = 5: a record after the step from t when (next kept step, t] holds a multiple of 5
+  # -- from 16 (15), 10 (10), 9 (5) -- and after the last step, from 0.
   np.testing.assert_array_equal(
     kept_t := np.asarray(kept)[sampling.record_steps(kept, 5)], [16, 10, 9, 0]
   )
@@ -384,8 +392,8 @@ def test_respaced_progressive_records_end_at_the_sample():
 
 
 def _reconstructions_by_hand(model, d, params, key, sources, which, t):
-  """Diffuse each source (pair p = row p) to timestep t with its pair's noise and decode it alone, step by
-  step from Python with the documented noise keys; uint8."""
+  """Diffuse each source (pair p = row p) to timestep t with its pair's noise and decode it alone,
+  step by step from Python with the documented noise keys; uint8."""
   q_key, p_key = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
   noise = lambda base, i: jnp.stack(
     [
@@ -431,7 +439,8 @@ def test_interpolation_ends_are_the_reconstructions_and_noise_is_fixed_across_la
       by_hand = _reconstructions_by_hand(model, d, params, key, sources, which, t - 1)
       np.testing.assert_allclose(out[i, :, column].astype(int), by_hand.astype(int), atol=1)
   assert np.abs(out[1, :, 1].astype(int) - out[1, :, 0]).mean() > 5  # lambda = 0.5 is neither end
-  # A lambda's column does not depend on which other lambdas share its batch (same compiled shape: 4 rows).
+  # A lambda's column does not depend on which other lambdas share its batch (same compiled shape: 4
+  # rows).
   np.testing.assert_array_equal(run([0.25, 0.5], [10])[0, :, 1], out[1, :, 1])
 
 
@@ -513,7 +522,8 @@ def test_cli_samples_with_ddim_in_5_steps(trained_tiny):
   out = trained_tiny / "samples" / "ckpt_4_n6_seed0"
   arr = np.load(out / "samples.npz")["arr_0"]
   assert arr.shape == (6, 8, 8, 1) and arr.dtype == np.uint8
-  # Kept: round(0, 2.25, 4.5, 6.75, 9) = 0 2 4 7 9; records after the steps passing a multiple of 3, and the last.
+  # Kept: round(0, 2.25, 4.5, 6.75, 9) = 0 2 4 7 9; records after the steps passing a multiple of 3,
+  # and the last.
   assert (out / "chain_timesteps.txt").read_text().split() == ["9", "7", "4", "0"]
   # A bad value stops the mode before anything is written.
   config = tiny_config(sampling__num_steps=11)

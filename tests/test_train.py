@@ -1,4 +1,5 @@
-"""The training engine: optimizer recipe, exact resume, device/process independence, learning, sampling."""
+"""The training engine: optimizer recipe, exact resume, device/process independence, learning,
+sampling."""
 
 import os
 import shutil
@@ -11,9 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, tiny_config
-from ddpm_jax import data, parallel, sampling, train
+from conftest import REPO
+from conftest import tiny_config
+from ddpm_jax import data
+from ddpm_jax import parallel
+from ddpm_jax import sampling
 from ddpm_jax import state as state_lib
+from ddpm_jax import train
 
 
 def leaves(tree):
@@ -28,7 +33,8 @@ def test_optimizer_is_the_papers_recipe():
     and float(lr_fn(2500)) == pytest.approx(1e-4)
     and float(lr_fn(10**6)) == pytest.approx(2e-4)
   )
-  # Global-norm clipping at 1.0 happens before Adam: a huge gradient gives the same first update as a clipped one.
+  # Global-norm clipping at 1.0 happens before Adam: a huge gradient gives the same first update as
+  # a clipped one.
   params = {"w": jnp.ones((3,))}
   state = tx.init(params)
   g = {"w": jnp.array([300.0, 400.0, 0.0])}
@@ -187,7 +193,8 @@ def test_sampler_is_one_loop_whose_size_does_not_depend_on_T():
     config.diffusion.num_timesteps = T
     d, model, tx, _ = state_lib.build(config)
     params = jax.eval_shape(
-      lambda: state_lib.init_state(model, tx, seed=0, shape=state_lib.image_shape(config))
+      # called right here, in this iteration: model and tx are this T's
+      lambda: state_lib.init_state(model, tx, seed=0, shape=state_lib.image_shape(config))  # noqa: B023
     ).ema_params
     fn = sampling.make_sampler(model, d, mesh, image_shape=state_lib.image_shape(config))
     text = jax.jit(fn).lower(params, jax.random.key(0), jnp.arange(4)).as_text()
@@ -226,7 +233,7 @@ def test_any_number_of_samples_and_independent_of_batch_size():
   np.testing.assert_allclose(a.astype(int), b.astype(int), atol=1)  # same ids -> same noise
 
 
-# ----------------------------------------------------------------------------- devices and processes
+# ---------------------------------------------------------------------------- devices and processes
 
 
 def _probe(workdir, out, *, devices, extra=(), env=None):

@@ -1,5 +1,6 @@
 """The U-Net against REFERENCE.md §2: parameter counts, init, dropout, dtype, config checks, and its
-outputs against diffusers' UNet2DModel (a faithful port of the official network) on random weights."""
+outputs against diffusers' UNet2DModel (a faithful port of the official network) on random
+weights."""
 
 import math
 
@@ -12,8 +13,8 @@ import torch
 from diffusers import UNet2DModel
 from flax import traverse_util
 
-from ddpm_jax.configs import default
 from ddpm_jax import convert
+from ddpm_jax.configs import default
 from ddpm_jax.models import unet
 
 CIFAR10_PARAMS = 35_746_307
@@ -51,7 +52,8 @@ def init_params(model, *, image_size, num_channels, seed=0):
 
 
 def random_params(model, *, image_size, num_channels, seed):
-  """Params with every weight random and O(1)-preserving, so near-zero layers and norms matter too."""
+  """Params with every weight random and O(1)-preserving, so near-zero layers and norms matter
+  too."""
   # NumPy, from abstract shapes: compiling Flax's random init costs ~10 s on 2 CPU cores.
   flat = traverse_util.flatten_dict(
     abstract_params(model, image_size=image_size, num_channels=num_channels)
@@ -176,7 +178,8 @@ def test_cifar10_matches_diffusers(cifar10_twin):
 
 
 def test_other_shape_matches_diffusers():
-  # Attention at the top level (with a downsample) and the bottom level (without); 1 channel in, 2 out.
+  # Attention at the top level (with a downsample) and the bottom level (without); 1 channel in, 2
+  # out.
   config = tiny_config(ch_mult=(1, 2, 4), num_res_blocks=1, attn_resolutions=(16, 4), dropout=0.0)
   torch_model, model = diffusers_twin(
     config, image_size=16, num_channels=1, learned_variance=True, seed=3

@@ -9,7 +9,10 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# conftest sets the environment (JAX_PLATFORMS, the compilation cache) before JAX is imported
 import conftest  # pylint: disable=g-import-not-at-top,unused-import  (environment set-up)
+
+# isort: split
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
@@ -26,7 +29,8 @@ def main(workdir, out, process_id=None, num_processes=None, port=None):
     config.distributed.coordinator_address = f"localhost:{port}"
     config.distributed.num_processes = int(num_processes)
     config.distributed.process_id = int(process_id)
-  from ddpm_jax import parallel, train  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import parallel  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import train  # pylint: disable=g-import-not-at-top
 
   parallel.maybe_initialize_distributed(config.distributed)
   state = train.train_and_evaluate(config, workdir)

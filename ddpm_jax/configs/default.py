@@ -28,8 +28,9 @@ def get_config():
   model.dropout = 0.1
   model.resamp_with_conv = True
   model.dtype = "float32"  # compute dtype: float32 | bfloat16; parameters stay float32
-  # Recompute each ResNet/attention block's activations in the backward pass instead of storing them:
-  # less device memory (the 256x256 model at large batches) for about one more forward pass of compute.
+  # Recompute each ResNet/attention block's activations in the backward pass instead of storing
+  # them: less device memory (the 256x256 model at large batches) for about one more forward pass of
+  # compute.
   model.remat = False
 
   config.diffusion = diffusion = ml_collections.ConfigDict()
@@ -52,8 +53,9 @@ def get_config():
   training.adam_eps = 1e-8
   training.grad_clip = 1.0
   training.ema_decay = 0.9999
-  # >1 runs that many steps in one lax.scan per dispatch (for TPUs/GPUs with a slow host; not on CPU,
-  # where XLA runs the backward pass of a loop body far slower than the same step dispatched alone)
+  # >1 runs that many steps in one lax.scan per dispatch (for TPUs/GPUs with a slow host; not on
+  # CPU, where XLA runs the backward pass of a loop body far slower than the same step dispatched
+  # alone)
   training.steps_per_dispatch = 1
   training.log_every = 100
   training.sample_every = 10_000
@@ -65,35 +67,33 @@ def get_config():
   sampling.batch_size = 256  # global
   sampling.num_samples = 64
   sampling.clip_denoised = True
-  sampling.progressive_every = (
-    0  # record x0 predictions every this many steps; 0: T // 10 (about 10 frames)
-  )
-  sampling.num_progressive = (
-    8  # samples (rows) in the progressive picture; 0: no progressive picture
-  )
+  # record x0 predictions every this many steps; 0: T // 10 (about 10 frames)
+  sampling.progressive_every = 0
+  # samples (rows) in the progressive picture; 0: no progressive picture
+  sampling.num_progressive = 8
   sampling.checkpoint_step = -1  # -1: newest checkpoint
   sampling.method = "ancestral"  # ancestral (Algorithm 2) | ddim (Song et al. 2021)
   sampling.num_steps = -1  # reverse steps taken, in [1, T]; -1: all T
-  # which num_steps of the T steps: uniform (improved-diffusion's even spacing, keeps 0 and T-1) | ddim
-  # (improved-diffusion's "ddimN": 0, s, 2s, ...) | leading (diffusers' DDIMScheduler: stride T // N) |
-  # "ddimN" | section counts "10,15,20" (improved-diffusion's timestep_respacing; num_steps -1 or their sum)
+  # which num_steps of the T steps: uniform (improved-diffusion's even spacing, keeps 0 and T-1) |
+  # ddim (improved-diffusion's "ddimN": 0, s, 2s, ...) | leading (diffusers' DDIMScheduler:
+  # stride T // N) | "ddimN" | section counts "10,15,20" (improved-diffusion's timestep_respacing;
+  # num_steps -1 or their sum)
   sampling.spacing = "uniform"
   sampling.eta = 0.0  # DDIM only: 0 deterministic, 1 ancestral-like noise
 
   # The paper's interpolations (Section 4.4), --mode=interpolate.
   config.interpolation = interpolation = ml_collections.ConfigDict()
-  interpolation.split = (
-    "train"  # the dataset split whose images (0, 1), (2, 3), ... are the source pairs
-  )
+  # the dataset split whose images (0, 1), (2, 3), ... are the source pairs
+  interpolation.split = "train"
   interpolation.num_pairs = 8  # rows of each picture
-  # noising steps t in [1, T] (the paper's numbering: 1000 = T); one picture per t (t = 500: Figure 8)
+  # noising steps t in [1, T] (the paper's numbering: 1000 = T); one picture per t
+  # (t = 500: Figure 8)
   interpolation.timesteps = (250, 500, 750, 1000)
   interpolation.lambdas = tuple(
     i / 10 for i in range(11)
   )  # mixing weights: the columns of each picture
-  interpolation.figure9_pair = (
-    0  # the pair shown at every t in the coarse-to-fine picture (Figure 9)
-  )
+  # the pair shown at every t in the coarse-to-fine picture (Figure 9)
+  interpolation.figure9_pair = 0
   interpolation.image1 = ""  # two image files to interpolate between instead of dataset pairs
   interpolation.image2 = ""
 
@@ -103,32 +103,28 @@ def get_config():
   evaluation.split = "test"
   evaluation.num_examples = 10_000  # CIFAR10 test: the whole split
   evaluation.batch_size = 128  # global; also the Inception network's batch
-  evaluation.clip_denoised = (
-    True  # clip the predicted x0 to [-1, 1] inside the bound (the official eval does)
-  )
-  # --mode=fid: samples (drawn with config.sampling's batch size and clip_denoised) vs reference statistics
+  # clip the predicted x0 to [-1, 1] inside the bound (the official eval does)
+  evaluation.clip_denoised = True
+  # --mode=fid: samples (drawn with config.sampling's batch size and clip_denoised) vs reference
+  # statistics
   evaluation.num_fid_samples = 50_000
   evaluation.sample_chunk_size = 1000  # samples per resumable .npz chunk under WORKDIR/eval
-  evaluation.inception_weights = (
-    ""  # this project's Inception .npz (python -m ddpm_jax.metrics.convert_inception)
-  )
-  evaluation.fid_resize = (
-    "tf"  # tf: the TF graph's bilinear resize (the paper's FIDs); pytorch: pytorch-fid's
-  )
+  # this project's Inception .npz (python -m ddpm_jax.metrics.convert_inception)
+  evaluation.inception_weights = ""
+  # tf: the TF graph's bilinear resize (the paper's FIDs); pytorch: pytorch-fid's
+  evaluation.fid_resize = "tf"
   evaluation.fid_reference_splits = (
     "train",
     "test",
   )  # FID vs each (paper: 3.17 vs train, 5.24 vs test)
-  evaluation.num_fid_reference = (
-    0  # first N images of each reference split; 0: the whole split (paper)
-  )
+  # first N images of each reference split; 0: the whole split (paper)
+  evaluation.num_fid_reference = 0
   evaluation.stats_dir = ""  # cache of reference statistics; "": fid_stats/ beside WORKDIR
   # --mode=evaluate_watch: evaluate every new checkpoint of a training workdir once
   evaluation.watch_modes = ("bpd", "fid")
   evaluation.watch_poll_secs = 60
-  evaluation.watch_timeout_secs = (
-    0  # stop after this long without a new checkpoint; 0: at training.num_steps
-  )
+  # stop after this long without a new checkpoint; 0: at training.num_steps
+  evaluation.watch_timeout_secs = 0
 
   config.distributed = distributed = ml_collections.ConfigDict()
   # "auto": initialise jax.distributed when the environment is a TPU pod or a SLURM job.
@@ -142,7 +138,8 @@ def get_config():
 
 
 def set_256_model(config):
-  """The paper's settings shared by all 256x256 datasets (CelebA-HQ, LSUN): 114M U-Net, fixedsmall."""
+  """The paper's settings shared by all 256x256 datasets (CelebA-HQ, LSUN): 114M U-Net,
+  fixedsmall."""
   config.data.image_size = 256
   config.model.ch_mult = (1, 1, 2, 2, 4, 4)
   config.model.dropout = 0.0
@@ -152,9 +149,8 @@ def set_256_model(config):
   config.sampling.batch_size = 128
   config.evaluation.batch_size = 64
   config.evaluation.split = "train"  # TFDS has no test split for CelebA-HQ and the LSUN categories
-  config.evaluation.num_examples = (
-    1000  # the paper reports no 256x256 bits/dim; 1000 images is an estimate
-  )
+  # the paper reports no 256x256 bits/dim; 1000 images is an estimate
+  config.evaluation.num_examples = 1000
   config.evaluation.sample_chunk_size = 250  # 49 MB per chunk
   config.evaluation.fid_reference_splits = ("train",)
   config.evaluation.num_fid_reference = 50_000  # LSUN splits have 126k-3M images

@@ -2,9 +2,9 @@
 
 A 1.1M-parameter U-Net that learns clean digits in about five minutes on a 2-core CPU; the README's
 first command. Everything else is the paper's recipe (eps / fixedlarge / L_simple). Tuned with
-bench/digits_quality.py (README "Benchmarks"): at 3,000 steps a third level (4x4) lifted the samples'
-confidence from 0.87 to 0.91 (real digits: 0.94); 2,000 steps gave 0.88, a fourth level no more, an
-EMA of 0.9995 or a learning rate of 2e-3 no better.
+bench/digits_quality.py (README "Benchmarks"): at 3,000 steps a third level (4x4) lifted the
+samples' confidence from 0.87 to 0.91 (real digits: 0.94); 2,000 steps gave 0.88, a fourth level no
+more, an EMA of 0.9995 or a learning rate of 2e-3 no better.
 """
 
 from ddpm_jax.configs import default
@@ -21,7 +21,8 @@ def get_config():
   config.model.num_res_blocks = 1
   config.model.attn_resolutions = (8,)
   config.model.dropout = 0.0  # no dropout: a short run does not overfit, and each step is cheaper
-  # The paper's linear schedule stretched to T = 200 (betas x 5): the same abar_T, 5x faster sampling.
+  # The paper's linear schedule stretched to T = 200 (betas x 5): the same abar_T, 5x faster
+  # sampling.
   config.diffusion.num_timesteps = 200
   config.diffusion.beta_start = 5e-4
   config.diffusion.beta_end = 0.1

@@ -1,4 +1,5 @@
-"""LSUN bedroom (no flip, as in the paper), 2.4M steps; the 114M 256x256 model, eps / fixedsmall / L_simple, lr 2e-5, batch 64."""
+"""LSUN bedroom (no flip, as in the paper), 2.4M steps; the 114M 256x256 model, eps / fixedsmall /
+L_simple, lr 2e-5, batch 64."""
 
 from ddpm_jax.configs import default
 

@@ -1,4 +1,5 @@
-"""LSUN church, 1.2M steps; the 114M 256x256 model, eps / fixedsmall / L_simple, lr 2e-5, batch 64."""
+"""LSUN church, 1.2M steps; the 114M 256x256 model, eps / fixedsmall / L_simple, lr 2e-5, batch
+64."""
 
 from ddpm_jax.configs import default
 

@@ -1,9 +1,10 @@
-"""`python -m ddpm_jax.convert import SRC --config=configs/cifar10.py --workdir=DIR [--raw] [--overwrite]`
-and `python -m ddpm_jax.convert export --workdir=DIR OUT [--raw] [--overwrite] [--step=N]`.
+"""`python -m ddpm_jax.convert import SRC --config=configs/cifar10.py --workdir=DIR [--raw]
+[--overwrite]` and `python -m ddpm_jax.convert export --workdir=DIR OUT [--raw] [--overwrite]
+[--step=N]`.
 
 SRC is a diffusers model directory (a Hub snapshot such as google/ddpm-cifar10-32) or an official TF
-checkpoint (`.../model.ckpt-790000` or its folder). Nothing is downloaded. Every user mistake ends the
-program with one sentence on stderr and exit status 1.
+checkpoint (`.../model.ckpt-790000` or its folder). Nothing is downloaded. Every user mistake ends
+the program with one sentence on stderr and exit status 1.
 """
 
 import logging as std_logging
@@ -44,7 +45,8 @@ flags.DEFINE_integer("step", -1, "export: the checkpoint step to export (-1: the
 flags.mark_flags_as_required(["workdir"])
 
 USAGE = (
-  "usage: python -m ddpm_jax.convert import SRC --config=CONFIG --workdir=DIR [--raw] [--overwrite]\n"
+  "usage: python -m ddpm_jax.convert import SRC --config=CONFIG --workdir=DIR [--raw] "
+  "[--overwrite]\n"
   "       python -m ddpm_jax.convert export --workdir=DIR OUT [--raw] [--overwrite] [--step=N]"
 )
 
@@ -55,14 +57,16 @@ def _import(src: str) -> None:
       "import needs --config, the config the model was trained with (e.g. configs/cifar10.py)."
     )
   if workdir_lib.detect_format(src)[0] == workdir_lib.TF:
-    data.hide_accelerators_from_tensorflow()  # TensorFlow only reads the checkpoint; JAX keeps the devices
+    # TensorFlow only reads the checkpoint; JAX keeps the devices
+    data.hide_accelerators_from_tensorflow()
   done = workdir_lib.import_checkpoint(
     src, config=FLAGS.config, workdir=FLAGS.workdir, raw=FLAGS.raw, overwrite=FLAGS.overwrite
   )
   config_file = config_flags.get_config_filename(FLAGS["config"])
   print(
-    f"Imported {done.num_params:,} parameters from {done.description} into {done.checkpoint_dir} (step "
-    f"{done.step}).\nSample with: python -m ddpm_jax.main --mode=sample --config={config_file} "
+    f"Imported {done.num_params:,} parameters from {done.description} into "
+    f"{done.checkpoint_dir} (step {done.step}).\nSample with: python -m ddpm_jax.main "
+    f"--mode=sample --config={config_file} "
     f"--workdir={FLAGS.workdir} (and the same --config overrides)"
   )
 

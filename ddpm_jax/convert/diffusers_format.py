@@ -1,9 +1,10 @@
 """diffusers' `UNet2DModel` <-> this package's U-Net: names, layouts, model directories.
 
-The Hub's `google/ddpm-*` models are the official TF checkpoints converted to `UNet2DModel`, which maps
-one-to-one onto `ddpm_jax.models.unet.UNet`. A model directory holds `config.json` and
-`diffusion_pytorch_model.safetensors` (or `.bin`, which needs PyTorch to read); a pipeline snapshot holds
-them under `unet/`, with the scheduler's config under `scheduler/`. Nothing here reaches the network.
+The Hub's `google/ddpm-*` models are the official TF checkpoints converted to `UNet2DModel`, which
+maps one-to-one onto `ddpm_jax.models.unet.UNet`. A model directory holds `config.json` and
+`diffusion_pytorch_model.safetensors` (or `.bin`, which needs PyTorch to read); a pipeline snapshot
+holds them under `unet/`, with the scheduler's config under `scheduler/`. Nothing here reaches the
+network.
 """
 
 import json
@@ -93,7 +94,8 @@ def _modernize_attention_keys(arrays):
 
 
 def _module_key(name, num_levels):
-  """Diffusers' path of one of our top-level submodules, e.g. up_3_attn_1 -> up_blocks.0.attentions.1."""
+  """Diffusers' path of one of our top-level submodules, e.g. up_3_attn_1 ->
+  up_blocks.0.attentions.1."""
   if name in _TOP_LEVEL_NAMES:
     return _TOP_LEVEL_NAMES[name]
   match = _LEVEL_MODULE.match(name)
@@ -110,7 +112,8 @@ def _module_key(name, num_levels):
 
 
 def diffusers_key(path, num_levels) -> str:
-  """The diffusers state-dict key of one of our parameter paths, e.g. ('conv_in', 'kernel') -> conv_in.weight."""
+  """The diffusers state-dict key of one of our parameter paths, e.g. ('conv_in', 'kernel') ->
+  conv_in.weight."""
   module, *inner, leaf = path
   names = [_module_key(module, num_levels)]
   for name in inner:  # a layer inside a block
@@ -132,7 +135,8 @@ def _to_flax_layout(value, rank):
 
 
 def _to_torch_layout(path, value):
-  """Flax layout -> torch layout; our 1x1 `nin_shortcut` is a 1x1 Conv2d in diffusers, other dense layers Linear."""
+  """Flax layout -> torch layout; our 1x1 `nin_shortcut` is a 1x1 Conv2d in diffusers, other dense
+  layers Linear."""
   if value.ndim == 4:
     return value.transpose(3, 2, 0, 1)
   if value.ndim == 2:
@@ -141,7 +145,8 @@ def _to_torch_layout(path, value):
 
 
 def state_dict_source(state_dict, *, description="the diffusers state dict") -> params_lib.Source:
-  """A `Source` over a `UNet2DModel` state dict (numpy arrays or torch tensors; legacy attention names too)."""
+  """A `Source` over a `UNet2DModel` state dict (numpy arrays or torch tensors; legacy attention
+  names too)."""
   arrays = _modernize_attention_keys({key: _to_numpy(value) for key, value in state_dict.items()})
   return params_lib.Source(
     description=description, arrays=arrays, name_of=diffusers_key, to_flax=_to_flax_layout
@@ -149,7 +154,8 @@ def state_dict_source(state_dict, *, description="the diffusers state dict") -> 
 
 
 def unet_params_from_diffusers(state_dict, *, model: unet_lib.UNet):
-  """Maps a diffusers `UNet2DModel` state dict (numpy arrays or torch tensors) to model's `{'params': ...}`."""
+  """Maps a diffusers `UNet2DModel` state dict (numpy arrays or torch tensors) to model's
+  `{'params': ...}`."""
   return params_lib.params_from_source(state_dict_source(state_dict), model=model)
 
 
@@ -168,7 +174,8 @@ def unet_state_dict(params, *, num_levels: int) -> dict:
 
 
 def diffusers_unet_config(model_config, *, image_size, num_channels, learned_variance) -> dict:
-  """Keyword arguments for diffusers' `UNet2DModel` that build the same network as `create_model`."""
+  """Keyword arguments for diffusers' `UNet2DModel` that build the same network as
+  `create_model`."""
   model = unet_lib.create_model(
     model_config,
     image_size=image_size,
@@ -214,7 +221,8 @@ def diffusers_unet_config(model_config, *, image_size, num_channels, learned_var
 
 
 def check_unet_config(unet_config: dict, *, path: str) -> None:
-  """Refuses a `UNet2DModel` config whose settings (beyond the weights' shapes) differ from the official U-Net."""
+  """Refuses a `UNet2DModel` config whose settings (beyond the weights' shapes) differ from the
+  official U-Net."""
   if unet_config.get("_class_name", "UNet2DModel") != "UNet2DModel":
     raise ConfigError(f"{path} describes a {unet_config['_class_name']}, not a UNet2DModel.")
   diffs = [
@@ -239,7 +247,8 @@ def check_unet_config(unet_config: dict, *, path: str) -> None:
 
 
 def image_size_of(unet_config: dict, *, path: str) -> int | None:
-  """The square image size of a `UNet2DModel` config (`sample_size`), or None when it does not say."""
+  """The square image size of a `UNet2DModel` config (`sample_size`), or None when it does not
+  say."""
   size = unet_config.get("sample_size")
   if isinstance(size, (list, tuple)):
     if len(set(size)) != 1:
@@ -262,7 +271,8 @@ class ModelDir(NamedTuple):
 
 
 def unet_dir(path: str) -> str | None:
-  """The folder holding the UNet2DModel's config.json: `path` itself, or `path/unet` in a pipeline snapshot."""
+  """The folder holding the UNet2DModel's config.json: `path` itself, or `path/unet` in a pipeline
+  snapshot."""
   for candidate in (os.path.join(path, "unet"), path):
     if os.path.isfile(os.path.join(candidate, CONFIG_NAME)):
       return candidate
@@ -327,7 +337,8 @@ def _scheduler_file(path: str, folder: str) -> str | None:
 
 
 def read_model_dir(path: str) -> ModelDir:
-  """Reads a diffusers model directory or pipeline snapshot (config, weights, scheduler config if any)."""
+  """Reads a diffusers model directory or pipeline snapshot (config, weights, scheduler config if
+  any)."""
   folder = unet_dir(path)
   if folder is None:
     raise CheckpointError(
@@ -351,7 +362,8 @@ def read_model_dir(path: str) -> ModelDir:
 def write_model_dir(
   out: str, *, state_dict: dict, unet_config: dict, scheduler_config: dict
 ) -> None:
-  """Writes a flat model directory (the Hub's layout) that UNet2DModel and DDPMPipeline both load."""
+  """Writes a flat model directory (the Hub's layout) that UNet2DModel and DDPMPipeline both
+  load."""
   from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
 
   os.makedirs(out)

@@ -1,12 +1,13 @@
 """Format-independent half of the importers: weights of a foreign checkpoint -> this U-Net's params.
 
-A `Source` says how each of our parameter paths (e.g. ('down_1_block_0', 'conv1', 'kernel')) is named in a
-foreign checkpoint and how its array is laid out there; from it the model's shape is inferred, checked
-against a config (naming every disagreeing key), and the params are collected with missing, extra and
-misshapen weights reported by their foreign names.
+A `Source` says how each of our parameter paths (e.g. ('down_1_block_0', 'conv1', 'kernel')) is
+named in a foreign checkpoint and how its array is laid out there; from it the model's shape is
+inferred, checked against a config (naming every disagreeing key), and the params are collected with
+missing, extra and misshapen weights reported by their foreign names.
 """
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -130,7 +131,8 @@ def _config_attention_resolutions(config) -> tuple[int, ...]:
 def check_against_config(
   shape: ModelShape, config, *, description: str, image_size: int | None = None
 ):
-  """Raises ConfigError naming every config key that disagrees with the weights (and the image size, if known)."""
+  """Raises ConfigError naming every config key that disagrees with the weights (and the image size,
+  if known)."""
   c = shape.num_channels
   if shape.out_channels not in (c, 2 * c):
     raise CheckpointError(
@@ -176,7 +178,8 @@ def check_against_config(
 
 
 def _image_size_for(levels, model) -> int:
-  """An image size at which `model` puts attention exactly at `levels` (the param tree depends on it)."""
+  """An image size at which `model` puts attention exactly at `levels` (the param tree depends on
+  it)."""
   num_levels = len(model.ch_mult)
   no_attention = 2 ** (num_levels - 1) * (max(model.attn_resolutions, default=0) + 1)
   candidates = [r * 2**level for r in model.attn_resolutions for level in range(num_levels)] + [
@@ -198,8 +201,8 @@ def _image_size_for(levels, model) -> int:
 
 
 def expected_params(model, *, attention_levels, num_channels) -> dict:
-  """Flat {path: ShapeDtypeStruct} of the model's params with attention at `attention_levels` (nothing
-  is materialised)."""
+  """Flat {path: ShapeDtypeStruct} of the model's params with attention at `attention_levels`
+  (nothing is materialised)."""
   size = _image_size_for(tuple(attention_levels), model)
   x = jnp.zeros((1, size, size, num_channels), jnp.float32)
   t = jnp.zeros((1,), jnp.int32)
@@ -208,7 +211,8 @@ def expected_params(model, *, attention_levels, num_channels) -> dict:
 
 
 def params_from_source(source: Source, *, model) -> dict:
-  """`{'params': ...}` for `model` (float32, our layout) from a source; every foreign weight must be used."""
+  """`{'params': ...}` for `model` (float32, our layout) from a source; every foreign weight must be
+  used."""
   shape = infer_shape(source)
   num_levels = len(model.ch_mult)
   expected = expected_params(

@@ -1,8 +1,8 @@
 """diffusers' DDPMScheduler config <-> `config.diffusion` (and `sampling.clip_denoised`).
 
-Only settings with the same meaning on both sides are mapped; anything else is refused by name. diffusers'
-`variance_type='learned'` reads the network's extra channels as a variance, the official code as a
-log-variance, so it has no counterpart here; `learned_range` means the same on both sides.
+Only settings with the same meaning on both sides are mapped; anything else is refused by name.
+diffusers' `variance_type='learned'` reads the network's extra channels as a variance, the official
+code as a log-variance, so it has no counterpart here; `learned_range` means the same on both sides.
 """
 
 import math
@@ -44,7 +44,8 @@ def _lookup(table, value, *, key, path):
 
 
 def settings_from_scheduler(scheduler: dict, *, path: str) -> dict:
-  """{dotted config key: value} that a DDPMScheduler config implies (diffusers' defaults for absent keys)."""
+  """{dotted config key: value} that a DDPMScheduler config implies (diffusers' defaults for absent
+  keys)."""
   s = dict(_DEFAULTS, **scheduler)
   if (
     "num_train_timesteps" not in scheduler and "timesteps" in scheduler
@@ -121,7 +122,8 @@ def _inverse(table, value, *, key):
 
 
 def scheduler_config(config) -> dict:
-  """A DDPMScheduler config for `config.diffusion` (schedules diffusers lacks become `trained_betas`)."""
+  """A DDPMScheduler config for `config.diffusion` (schedules diffusers lacks become
+  `trained_betas`)."""
   c = config.diffusion
   out = {
     "_class_name": "DDPMScheduler",

@@ -1,10 +1,10 @@
 """The official TensorFlow checkpoints (hojonathanho/diffusion, `model.ckpt-N.{index,data-*}`).
 
-Variables live under `model/` with the scopes of the official `unet.model` (`model/down_1/block_0/conv1/W`,
-`model/mid/attn_1/q/b`, `model/norm_out/gamma`, ...). Conv kernels are [kh, kw, in, out], dense and 1x1
-("nin") kernels [in, out] — Flax's layouts, so arrays are taken as they are. Each variable's EMA copy is
-`<name>/ExponentialMovingAverage`; Adam slots (`/Adam`, `/Adam_1`) and bookkeeping outside `model/` are
-ignored, except `global_step`, which gives the step.
+Variables live under `model/` with the scopes of the official `unet.model`
+(`model/down_1/block_0/conv1/W`, `model/mid/attn_1/q/b`, `model/norm_out/gamma`, ...). Conv kernels
+are [kh, kw, in, out], dense and 1x1 ("nin") kernels [in, out] — Flax's layouts, so arrays are taken
+as they are. Each variable's EMA copy is `<name>/ExponentialMovingAverage`; Adam slots (`/Adam`,
+`/Adam_1`) and bookkeeping outside `model/` are ignored, except `global_step`, which gives the step.
 """
 
 import glob
@@ -30,7 +30,8 @@ _LEVEL_MODULE = re.compile(r"(down|up)_(\d+)_(block|attn|downsample|upsample)(?:
 
 
 def tf_name(path) -> str:
-  """The official name of one of our param paths: ('up_1_attn_0', 'q', 'kernel') -> model/up_1/attn_0/q/W."""
+  """The official name of one of our param paths: ('up_1_attn_0', 'q', 'kernel') ->
+  model/up_1/attn_0/q/W."""
   module, *inner, leaf = path
   if module in _TOP_LEVEL_SCOPES:
     scope = _TOP_LEVEL_SCOPES[module]
@@ -46,7 +47,8 @@ def tf_name(path) -> str:
 
 
 def checkpoint_prefix(path: str) -> str | None:
-  """The checkpoint prefix (`.../model.ckpt-N`) that `path` names, or None when it names no TF checkpoint.
+  """The checkpoint prefix (`.../model.ckpt-N`) that `path` names, or None when it names no TF
+  checkpoint.
 
   `path` may be the prefix, one of its files, or a folder holding exactly one checkpoint.
   """
@@ -70,10 +72,12 @@ def _first_line(error) -> str:
 
 
 def read_checkpoint(prefix: str, *, raw: bool = False):
-  """(Source over the EMA weights, or the raw ones when `raw`; the step from `global_step`, or None)."""
+  """(Source over the EMA weights, or the raw ones when `raw`; the step from `global_step`, or
+  None)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-  # TF's reader raises OpErrors, or IndexError ("Read less bytes than requested") for a short data file.
+  # TF's reader raises OpErrors, or IndexError ("Read less bytes than requested") for a short data
+  # file.
   unreadable = (tf.errors.OpError, ValueError, IndexError)
   try:
     reader = tf.train.load_checkpoint(prefix)

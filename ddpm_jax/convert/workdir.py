@@ -1,9 +1,10 @@
-"""Published checkpoints into a workdir that `--mode=sample` and the evaluation modes read unchanged, and a
-workdir's weights out to a diffusers model directory.
+"""Published checkpoints into a workdir that `--mode=sample` and the evaluation modes read
+unchanged, and a workdir's weights out to a diffusers model directory.
 
-An imported workdir holds one orbax checkpoint (params = EMA params = the imported weights, a fresh optimizer
-state, at the source's step when it is known, else 0) and the config as config.json. Nothing is written
-until every check has passed, and existing checkpoints or folders are replaced only when asked to.
+An imported workdir holds one orbax checkpoint (params = EMA params = the imported weights, a fresh
+optimizer state, at the source's step when it is known, else 0) and the config as config.json.
+Nothing is written until every check has passed, and existing checkpoints or folders are replaced
+only when asked to.
 """
 
 import os
@@ -39,7 +40,8 @@ class Imported(NamedTuple):
 
 
 def detect_format(src: str) -> tuple[str, str]:
-  """('diffusers', model folder) or ('tf', checkpoint prefix) for a path; CheckpointError for anything else."""
+  """('diffusers', model folder) or ('tf', checkpoint prefix) for a path; CheckpointError for
+  anything else."""
   if os.path.isdir(src) and diffusers_format.unet_dir(src):
     return DIFFUSERS, src
   prefix = tf_format.checkpoint_prefix(src)
@@ -49,7 +51,8 @@ def detect_format(src: str) -> tuple[str, str]:
     raise CheckpointError(f"{src} does not exist.")
   raise CheckpointError(
     f"{src} is neither a diffusers model directory ({diffusers_format.CONFIG_NAME} + "
-    f"{diffusers_format.WEIGHTS_NAME}) nor an official TF checkpoint (model.ckpt-N.index + .data-*)."
+    f"{diffusers_format.WEIGHTS_NAME}) nor an official TF checkpoint "
+    "(model.ckpt-N.index + .data-*)."
   )
 
 
@@ -59,7 +62,8 @@ def has_checkpoints(workdir: str) -> bool:
 
 
 def _read_source(src: str, *, config, raw: bool):
-  """(Source, step or None, image size or None) of `src`, its scheduler config checked against `config`."""
+  """(Source, step or None, image size or None) of `src`, its scheduler config checked against
+  `config`."""
   kind, path = detect_format(src)
   if kind == TF:
     source, step = tf_format.read_checkpoint(path, raw=raw)
@@ -76,7 +80,8 @@ def _read_source(src: str, *, config, raw: bool):
 
 
 def _write_checkpoint(workdir: str, *, state, config) -> str:
-  """Writes `state` as the only checkpoint of `workdir` (replacing any), then config.json; returns its folder."""
+  """Writes `state` as the only checkpoint of `workdir` (replacing any), then config.json; returns
+  its folder."""
   os.makedirs(workdir, exist_ok=True)
   staging = tempfile.mkdtemp(prefix=".import-", dir=workdir)
   try:
@@ -102,7 +107,8 @@ def import_checkpoint(
   raw: bool = False,
   overwrite: bool = False,
 ) -> Imported:
-  """Imports a diffusers model directory or an official TF checkpoint into `workdir` under `config`."""
+  """Imports a diffusers model directory or an official TF checkpoint into `workdir` under
+  `config`."""
   if has_checkpoints(workdir) and not overwrite:
     raise CheckpointError(
       f"{checkpoint.checkpoint_dir(workdir)} already holds checkpoints; choose a new "
@@ -117,7 +123,8 @@ def import_checkpoint(
   params = params_lib.params_from_source(source, model=built.model)
   step = 0 if step is None else step
   logging.info("Writing the checkpoint of step %d to %s.", step, checkpoint.checkpoint_dir(workdir))
-  # One jitted program: eagerly, the optimizer's zeros would compile one small program per parameter.
+  # One jitted program: eagerly, the optimizer's zeros would compile one small program per
+  # parameter.
   state = jax.jit(lambda p: state_lib.state_from_params(p, built.tx, seed=config.seed, step=step))(
     params
   )
@@ -142,9 +149,11 @@ def _check_new_folder(out: str, *, overwrite: bool) -> None:
 def export_diffusers(
   workdir: str, out: str, *, raw: bool = False, step: int = -1, overwrite: bool = False
 ):
-  """Writes the EMA params (or raw ones) of a workdir's checkpoint as a diffusers model directory `out`.
+  """Writes the EMA params (or raw ones) of a workdir's checkpoint as a diffusers model directory
+  `out`.
 
-  Returns (out, step). UNet2DModel.from_pretrained(out) and DDPMPipeline.from_pretrained(out) load it.
+  Returns (out, step). UNet2DModel.from_pretrained(out) and DDPMPipeline.from_pretrained(out) load
+  it.
   """
   saved = checkpoint.read_config(workdir)
   if saved is None:

@@ -1,4 +1,5 @@
-"""Converts published FID Inception weights to this project's .npz (once; evaluation then needs no torch).
+"""Converts published FID Inception weights to this project's .npz (once; evaluation then needs no
+torch).
 
     python -m ddpm_jax.metrics.convert_inception SRC OUT.npz
 
@@ -103,7 +104,8 @@ _LAYER_VARS = {
 
 
 def _torchscript_names() -> dict[str, str]:
-  """'mixed_4.tower_1.conv_2' -> 'Mixed_6b.branch7x7dbl_3', for every conv layer of NVIDIA's graph."""
+  """'mixed_4.tower_1.conv_2' -> 'Mixed_6b.branch7x7dbl_3', for every conv layer of NVIDIA's
+  graph."""
   names = {ts: tv for ts, tv in _TS_STEM.items()}
   for i, (mixed, kind) in enumerate(zip(_TS_MIXED, _TS_BLOCK_TYPE)):
     ts_block = "mixed" if i == 0 else f"mixed_{i}"
@@ -142,7 +144,8 @@ def torchvision_from_torchscript(state: dict) -> dict:
 
 
 def flax_from_torchvision(state: dict, *, source: str) -> dict:
-  """torchvision Inception3 names (as pytorch-fid / torch-fidelity save them) -> flat Flax arrays."""
+  """torchvision Inception3 names (as pytorch-fid / torch-fidelity save them) -> flat Flax
+  arrays."""
   out = {}
   for key, value in state.items():
     value = np.asarray(value, np.float32)
@@ -182,7 +185,8 @@ def _import_torch():
 
 
 def read_torch_weights(src: str) -> dict:
-  """The flat Flax arrays in a pytorch-fid / torch-fidelity state dict or an NVIDIA TorchScript file."""
+  """The flat Flax arrays in a pytorch-fid / torch-fidelity state dict or an NVIDIA TorchScript
+  file."""
   if not os.path.isfile(src):
     raise errors.ConfigError(f"Inception weights source {src!r} does not exist.")
   torch = _import_torch()

@@ -1,9 +1,10 @@
-"""FID and Inception Score from Inception outputs: streamed statistics, stats files, the two metrics.
+"""FID and Inception Score from Inception outputs: streamed statistics, stats files, the two
+metrics.
 
 Statistics are accumulated as float64 sums (count, sum, sum of outer products), so 50,000 features
-never need to be held at once; the covariance is the unbiased one (np.cov), as in TTUR and pytorch-fid.
-A stats file records the convention its numbers depend on (`CONVENTION_KEYS`), and two statistics whose
-conventions differ are never compared.
+never need to be held at once; the covariance is the unbiased one (np.cov), as in TTUR and
+pytorch-fid. A stats file records the convention its numbers depend on (`CONVENTION_KEYS`), and two
+statistics whose conventions differ are never compared.
 """
 
 import json
@@ -11,11 +12,11 @@ import os
 import warnings
 from typing import NamedTuple
 
-from absl import logging
 import numpy as np
 import scipy.linalg
 import scipy.special
 import tqdm
+from absl import logging
 
 from ddpm_jax import errors
 
@@ -73,7 +74,8 @@ def stats_from_features(features, *, meta: dict) -> Stats:
 def stats_and_logits(
   feature_fn, batches, *, meta: dict, total: int | None = None, progress: bool = False
 ):
-  """Streams uint8 image batches through `feature_fn` (inception.make_feature_fn): (Stats, IS logits).
+  """Streams uint8 image batches through `feature_fn` (inception.make_feature_fn): (Stats, IS
+  logits).
 
   Only the running sums and the IS logits (None without a classifier) are kept, never the images.
   """
@@ -154,9 +156,11 @@ def load_stats(path: str) -> Stats:
 
 
 def check_same_convention(a: Stats, b: Stats, *, trust_unlabelled: bool = False) -> None:
-  """Refuses (ConfigError naming the key and both values) statistics computed under different conventions.
+  """Refuses (ConfigError naming the key and both values) statistics computed under different
+  conventions.
 
-  With `trust_unlabelled`, a side that records no convention at all (another tool's file) is accepted.
+  With `trust_unlabelled`, a side that records no convention at all (another tool's file) is
+  accepted.
   """
   for stats in (a, b):
     if not any(k in stats.meta for k in CONVENTION_KEYS) and not trust_unlabelled:
@@ -226,7 +230,8 @@ def _sqrtm(a):
 
 
 def fid_from_stats(a: Stats, b: Stats, *, trust_unlabelled: bool = False) -> float:
-  """FID between two statistics, after checking that they were computed under the same convention."""
+  """FID between two statistics, after checking that they were computed under the same
+  convention."""
   check_same_convention(a, b, trust_unlabelled=trust_unlabelled)
   dim = a.mu.shape[0]
   for stats in (a, b):
@@ -244,7 +249,8 @@ def fid_from_stats(a: Stats, b: Stats, *, trust_unlabelled: bool = False) -> flo
 def inception_score(
   logits, splits: int = 10, *, shuffle: bool = True, seed: int = 2020
 ) -> tuple[float, float]:
-  """Inception Score (mean, std over `splits`) of IS logits [N, 1008], as torch-fidelity computes it.
+  """Inception Score (mean, std over `splits`) of IS logits [N, 1008], as torch-fidelity computes
+  it.
 
   The logits are pool3 @ W without the bias (torch-fidelity's `logits_unbiased`, the OpenAI code's
   choice); rows are shuffled with `np.random.RandomState(seed).permutation` first (torch-fidelity's

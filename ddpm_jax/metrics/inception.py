@@ -1,4 +1,5 @@
-"""The FID Inception network in Flax linen, its weights file, and a batched, sharded feature function.
+"""The FID Inception network in Flax linen, its weights file, and a batched, sharded feature
+function.
 
 The network is the TF graph `inception-2015-12-05` that FID and IS are defined with (TTUR, the DDPM
 paper), in the block structure of pytorch-fid's FIDInception* / torch-fidelity's
@@ -16,13 +17,13 @@ import hashlib
 import os
 from typing import NamedTuple
 
-from flax import linen as nn
-from flax import traverse_util
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 import numpy as np
 import tqdm
+from flax import linen as nn
+from flax import traverse_util
+from jax.sharding import PartitionSpec as P
 
 from ddpm_jax import errors
 from ddpm_jax import parallel
@@ -227,7 +228,8 @@ def is_logits_key(key: str) -> bool:
 
 
 def check_arrays(arrays: dict, *, source: str) -> bool:
-  """Checks flat arrays against the network's shapes (the classifier may be absent); returns has_logits."""
+  """Checks flat arrays against the network's shapes (the classifier may be absent); returns
+  has_logits."""
   expected = expected_shapes()
   unknown = sorted(set(arrays) - set(expected))
   if unknown:
@@ -255,8 +257,8 @@ def check_arrays(arrays: dict, *, source: str) -> bool:
 def hash_arrays(arrays: dict) -> str:
   """sha256 (first 16 hex digits) of the pool3 network's float32 weights, in sorted key order.
 
-  The classifier is left out, so a pool3-only file and a full file of the same network share the hash
-  (FID statistics depend on pool3 only).
+  The classifier is left out, so a pool3-only file and a full file of the same network share the
+  hash (FID statistics depend on pool3 only).
   """
   digest = hashlib.sha256()
   for key in sorted(k for k in arrays if not is_logits_key(k)):
@@ -334,13 +336,15 @@ def _as_nhwc_uint8(images) -> np.ndarray:
 def make_feature_fn(
   params: InceptionParams, *, resize: str = "tf", mesh=None, batch_size: int = 64
 ):
-  """Returns `features(images, *, progress=False) -> (pool3, logits)` for uint8 [N, H, W, 1|3] images.
+  """Returns `features(images, *, progress=False) -> (pool3, logits)` for uint8 [N, H, W, 1|3]
+  images.
 
   pool3 is float64 [N, 2048]; logits are the IS logits (pool3 @ W, no bias: `logits_unbiased`) as
   float64 [N, 1008], or None when the weights have no classifier. Images go through the network in
-  global batches of `batch_size` (the last one padded), sharded over the mesh's devices: one compiled
-  program per image shape. With several processes, each passes its own share (equal counts on every
-  process) and every process gets all features, batch by batch, each batch in process order.
+  global batches of `batch_size` (the last one padded), sharded over the mesh's devices: one
+  compiled program per image shape. With several processes, each passes its own share (equal counts
+  on every process) and every process gets all features, batch by batch, each batch in process
+  order.
   """
   preprocess.check_resize(resize)
   mesh = mesh if mesh is not None else parallel.make_mesh()
@@ -391,7 +395,7 @@ def make_feature_fn(
 
 
 def _collect(pending, pool3, logits, valid_rows, bar):
-  (p, l), n = pending
+  (p, lg), n = pending
   pool3.append(valid_rows(p, n))
-  logits.append(valid_rows(l, n))
+  logits.append(valid_rows(lg, n))
   bar.update(n)

@@ -2,8 +2,8 @@
 
 The two conventions give pool3 features that differ by many percent on 32x32 inputs, so every result
 records which one it used (`RESIZE_MODES`):
-- "tf": TF1 `resize_bilinear` (align_corners=False, no half-pixel centres) of the 0..255 values, then
-  (x - 128) / 128 — the 2015-12-05 graph's own preprocessing, as torch-fidelity reproduces it.
+- "tf": TF1 `resize_bilinear` (align_corners=False, no half-pixel centres) of the 0..255 values,
+  then (x - 128) / 128 — the 2015-12-05 graph's own preprocessing, as torch-fidelity reproduces it.
 - "pytorch": x / 255, `F.interpolate(mode="bilinear", align_corners=False)` (half-pixel centres, no
   antialiasing), then 2x - 1 — pytorch-fid's InceptionV3 with resize_input and normalize_input.
 """
@@ -27,7 +27,8 @@ def _tf1_taps(in_size: int, out_size: int):
 
 
 def _torch_taps(in_size: int, out_size: int):
-  """Source rows of PyTorch bilinear resizing (align_corners=False): half-pixel centres, clamped at 0."""
+  """Source rows of PyTorch bilinear resizing (align_corners=False): half-pixel centres, clamped at
+  0."""
   scale = np.float32(in_size / out_size)
   src = np.maximum(
     (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5), 0
@@ -68,7 +69,8 @@ def resize_tf1_bilinear(x, size: int = INPUT_SIZE):
 
 
 def resize_torch_bilinear(x, size: int = INPUT_SIZE):
-  """`torch.nn.functional.interpolate(mode="bilinear", align_corners=False)` of float [N, H, W, C]."""
+  """`torch.nn.functional.interpolate(mode="bilinear", align_corners=False)` of float [N, H, W,
+  C]."""
   _, h, w, _ = x.shape
   x = _lerp_axis_torch(x, _torch_taps(w, size), axis=2)
   return _lerp_axis_torch(x, _torch_taps(h, size), axis=1)

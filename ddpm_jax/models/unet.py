@@ -21,7 +21,8 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def default_init(scale=1.0):
-  """The official initializer: variance scaling, fan_avg, uniform; scale 0 means 1e-10 (near zero)."""
+  """The official initializer: variance scaling, fan_avg, uniform; scale 0 means 1e-10 (near
+  zero)."""
   # Flax's fans for HWIO conv kernels are in*kh*kw and out*kh*kw, as in the official TF code.
   return nn.initializers.variance_scaling(scale or 1e-10, "fan_avg", "uniform")
 
@@ -32,7 +33,8 @@ def level_resolutions(image_size, num_levels):
 
 
 def attention_levels(*, image_size, num_levels, attn_resolutions):
-  """The levels whose resolution is one of attn_resolutions (attention after each of their blocks)."""
+  """The levels whose resolution is one of attn_resolutions (attention after each of their
+  blocks)."""
   resolutions = level_resolutions(image_size, num_levels)
   return tuple(level for level, res in enumerate(resolutions) if res in attn_resolutions)
 
@@ -72,8 +74,8 @@ def _dense_fwd(x, kernel, bias):
 
 
 def _dense_bwd(residuals, g):
-  """The gradients as plain 2-D products over the flattened leading axes: XLA:CPU runs these faster than
-  the batched dot_generals autodiff derives for a [B, H, W, C] input (README "Performance")."""
+  """The gradients as plain 2-D products over the flattened leading axes: XLA:CPU runs these faster
+  than the batched dot_generals autodiff derives for a [B, H, W, C] input (README "Performance")."""
   x, kernel = residuals
   rows_x, rows_g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
   return g @ kernel.T, jnp.einsum("mi,mo->io", rows_x, rows_g), rows_g.sum(axis=0)
@@ -85,7 +87,8 @@ dense.defvjp(_dense_fwd, _dense_bwd)
 class Dense(nn.Module):
   """`nn.Dense` over the last axis, the same function and parameters ('kernel' [in, out], 'bias'),
   computed by `dense` (its gradient written out). Parameters float32, computation in `dtype`; in
-  bfloat16 the bias gradient's sum accumulates in float32 (autodiff of nn.Dense sums in bfloat16)."""
+  bfloat16 the bias gradient's sum accumulates in float32 (autodiff of nn.Dense sums in
+  bfloat16)."""
 
   features: int
   dtype: Any = jnp.float32
@@ -132,8 +135,8 @@ def _group_norm_fwd(x, scale, bias):
 
 
 def _group_norm_bwd(residuals, g):
-  """The closed-form gradient: two per-channel sums of g and g * x_hat in one pass, then one pass for dx
-  (autodiff of the forward takes an extra pass over the activations)."""
+  """The closed-form gradient: two per-channel sums of g and g * x_hat in one pass, then one pass
+  for dx (autodiff of the forward takes an extra pass over the activations)."""
   x, mean, rstd, scale = residuals
   _, height, width, c = x.shape
   count = height * width * (c // NUM_GROUPS)
@@ -175,9 +178,10 @@ def _group_norm(*, name, dtype):
 class Dropout(nn.Module):
   """Dropout (inverted: kept values scaled by 1 / (1 - rate)) with one of two sources of randomness.
 
-  With `keys` [B], example i's mask is drawn from keys[i] (folded with a number fixed per layer) alone:
-  it does not depend on which other examples share the batch or the device, without vmapping the
-  network over examples (which XLA runs far slower). Without, the mask comes from the 'dropout' rng.
+  With `keys` [B], example i's mask is drawn from keys[i] (folded with a number fixed per layer)
+  alone: it does not depend on which other examples share the batch or the device, without vmapping
+  the network over examples (which XLA runs far slower). Without, the mask comes from the 'dropout'
+  rng.
   """
 
   rate: float
@@ -225,9 +229,10 @@ class ResnetBlock(nn.Module):
 def attention_implementation(
   *, platform: str, compute_capability: str | None, dtype, head_dim: int
 ) -> str:
-  """Which `jax.nn.dot_product_attention` backend to use: 'cudnn' (fused flash attention) where cuDNN
-  takes the call (an NVIDIA GPU of compute capability >= 8.0, 16-bit inputs, a head dim that is a
-  multiple of 8 and at most 128, or 256 from Hopper on), else 'xla' (the explicit softmax formulation)."""
+  """Which `jax.nn.dot_product_attention` backend to use: 'cudnn' (fused flash attention) where
+  cuDNN takes the call (an NVIDIA GPU of compute capability >= 8.0, 16-bit inputs, a head dim that
+  is a multiple of 8 and at most 128, or 256 from Hopper on), else 'xla' (the explicit softmax
+  formulation)."""
   if platform != "gpu" or jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
     return "xla"
   try:
@@ -319,13 +324,13 @@ class UNet(nn.Module):
   dropout: float
   resamp_with_conv: bool = True
   dtype: Any = jnp.float32
-  remat: bool = (
-    False  # recompute each block's activations in the backward pass (memory for compute)
-  )
+  # recompute each block's activations in the backward pass (memory for compute)
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x, t, *, train: bool, dropout_keys=None):
-    """dropout_keys [B]: one key per example for its dropout masks (else the 'dropout' rng is used)."""
+    """dropout_keys [B]: one key per example for its dropout masks (else the 'dropout' rng is
+    used)."""
     b, height, width, _ = x.shape
     assert t.shape == (b,), (t.shape, x.shape)
     assert height == width and height % 2 ** (len(self.ch_mult) - 1) == 0, x.shape
@@ -369,7 +374,8 @@ class UNet(nn.Module):
     return resnet(c, self.dropout, dtype=self.dtype, name="mid_block_2")(h, temb, *mode)
 
   def _up(self, h, skips, temb, *, mode):
-    """The upsampling path: num_res_blocks + 1 blocks per level, each on concat([h, skips.pop()])."""
+    """The upsampling path: num_res_blocks + 1 blocks per level, each on concat([h,
+    skips.pop()])."""
     for level in reversed(range(len(self.ch_mult))):
       for i in range(self.num_res_blocks + 1):
         h = jnp.concatenate([h, skips.pop()], axis=-1)
@@ -401,7 +407,8 @@ class UNet(nn.Module):
 def _check_model_config(
   *, ch, ch_mult, num_res_blocks, attn_resolutions, dropout, dtype, image_size, num_channels
 ):
-  """Raises ConfigError, naming the offending value, for a config this U-Net cannot be built from."""
+  """Raises ConfigError, naming the offending value, for a config this U-Net cannot be built
+  from."""
   if not ch_mult:
     raise ConfigError("model.ch_mult is empty; the U-Net needs at least one level.")
   if not all(isinstance(m, int) and m >= 1 for m in ch_mult):
@@ -438,7 +445,8 @@ def _check_model_config(
 def create_model(
   model_config, *, image_size: int, num_channels: int, learned_variance: bool
 ) -> UNet:
-  """Builds the UNet of a `config.model` section, validating it first (plain Python, before any jit)."""
+  """Builds the UNet of a `config.model` section, validating it first (plain Python, before any
+  jit)."""
   fields = dict(
     ch=int(model_config.ch),
     ch_mult=tuple(model_config.ch_mult),
