@@ -24,7 +24,6 @@ from sklearn import linear_model
 from sklearn import model_selection
 
 from ddpm_jax import checkpoint
-from ddpm_jax import evaluate
 from ddpm_jax import parallel
 from ddpm_jax import sampling
 from ddpm_jax import state as state_lib
@@ -43,16 +42,10 @@ def main(workdir, num_samples, *, sampling_overrides):
   config = ConfigDict(checkpoint.read_config(workdir))
   for name, value in sampling_overrides.items():
     config.sampling[name] = value
-  d, model, tx, _ = state_lib.build(config)
+  built = state_lib.build(config)
   mesh = parallel.make_mesh()
-  params, step = evaluate.restore_ema_params(config, workdir, model=model, tx=tx, mesh=mesh)
-  fn = sampling.make_sampler(
-    model,
-    d,
-    mesh,
-    image_shape=state_lib.image_shape(config),
-    **sampling.sampler_options(config.sampling, d.num_timesteps),
-  )
+  params, step = checkpoint.restore_ema_params(config, workdir, built=built, mesh=mesh)
+  fn = sampling.from_config(config, built, mesh)
   jax.block_until_ready(fn(params, jax.random.key(0), sampling.sample_ids(0, 100, mesh)))  # compile
   start = time.perf_counter()
   samples = sampling.generate(
@@ -83,7 +76,7 @@ def main(workdir, num_samples, *, sampling_overrides):
     rows.append(
       (name, len(p), p.max(1).mean(), (p.max(1) > 0.9).mean(), " ".join(f"{h:.2f}" for h in hist))
     )
-  how = sampling.describe(config.sampling, d.num_timesteps)
+  how = sampling.record(config)
   print(
     f"sampler: {how}; {per_second:.1f} samples/s on "
     f"{jax.device_count()} x {jax.devices()[0].device_kind}"

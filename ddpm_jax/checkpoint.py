@@ -1,9 +1,11 @@
 """The only module that talks to orbax: step-numbered train-state checkpoints under
 WORKDIR/checkpoints.
 
-Each checkpoint holds three items: `state` (step, params, EMA params, optimizer state, key),
-`data` (the Grain iterator position of every process) and `config` (the resolved config
-as JSON), so training resumes exactly and evaluation needs nothing but the checkpoint.
+Each checkpoint holds two items: `state` (step, params, EMA params, optimizer state, key) and
+`config` (the resolved config as JSON), so evaluation needs nothing but the checkpoint. The data
+position is the step itself (global batch s is a function of the seed and s: `data.train_iterator`),
+so training resumes exactly on any number of devices, processes or Grain workers. Every file goes
+through `storage`, so the workdir may be a gs:// bucket.
 
 Once orbax has committed a step, the size and SHA-256 of each of its files go into DIGEST_FILE in
 the step folder; restoring checks them, so a truncated or altered checkpoint is found before use.
@@ -12,7 +14,6 @@ OSError sentence; orbax writes each step in a new folder, so earlier checkpoints
 """
 
 import contextlib
-import hashlib
 import json
 import logging as std_logging
 import os
@@ -22,9 +23,9 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
-from etils import epath
-from grain import checkpoint as grain_checkpoint
 
+from ddpm_jax import state as state_lib
+from ddpm_jax import storage
 from ddpm_jax.errors import CheckpointError
 
 # Sections whose change makes a checkpoint a different model (data.* shapes included).
@@ -39,7 +40,7 @@ _OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
 
 def checkpoint_dir(workdir: str) -> str:
   """WORKDIR/checkpoints, absolute; URLs such as gs://bucket/run stay as they are."""
-  return os.path.join(workdir if "://" in workdir else os.path.abspath(workdir), "checkpoints")
+  return storage.join(storage.resolve(workdir), "checkpoints")
 
 
 def _is_read_only_notice(record) -> bool:
@@ -48,43 +49,29 @@ def _is_read_only_notice(record) -> bool:
 
 def corrupt_dir(workdir: str) -> str:
   """Where training moves corrupt checkpoints newer than the one it resumes from (never deleted)."""
-  return os.path.join(os.path.abspath(workdir), "corrupt_checkpoints")
+  return storage.join(storage.resolve(workdir), "corrupt_checkpoints")
 
 
 # ----------------------------------------------------------------------------- integrity
 
 
 def _step_dir(manager, step: int) -> str:
-  return os.path.join(str(manager.directory), str(step))
+  return storage.join(str(manager.directory), str(step))
 
 
 def _files(directory: str):
   """Paths (relative, sorted) of every file under `directory` but the digest record."""
-  found = []
-  for root, _, names in os.walk(directory):
-    found += [os.path.relpath(os.path.join(root, n), directory) for n in names]
-  return sorted(f for f in found if f != DIGEST_FILE)
-
-
-def _sha256(path: str) -> str:
-  with open(path, "rb") as f:
-    return hashlib.file_digest(f, "sha256").hexdigest()
+  return [f for f in storage.files_under(directory) if f != DIGEST_FILE]
 
 
 def record_digests(directory: str) -> None:
   """Writes DIGEST_FILE (size and SHA-256 of every file) into a committed checkpoint folder."""
-  digests = {
-    f: dict(
-      size=os.path.getsize(os.path.join(directory, f)), sha256=_sha256(os.path.join(directory, f))
-    )
-    for f in _files(directory)
-  }
-  path = os.path.join(directory, DIGEST_FILE)
-  with open(path + ".tmp", "w") as f:
-    json.dump(dict(files=digests), f, indent=1, sort_keys=True)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(path + ".tmp", path)  # a reader sees the whole record or none
+  digests = {}
+  for f in _files(directory):
+    path = storage.join(directory, f)
+    digests[f] = dict(size=storage.size(path), sha256=storage.sha256(path))
+  # atomic: a reader sees the whole record or none
+  storage.write_json(storage.join(directory, DIGEST_FILE), dict(files=digests), indent=1)
 
 
 def find_damage(directory: str) -> str | None:
@@ -92,19 +79,21 @@ def find_damage(directory: str) -> str | None:
 
   Raises FileNotFoundError when the folder has no record (written by a run that stopped first).
   """
+  record = storage.join(directory, DIGEST_FILE)
+  if not storage.is_file(record):
+    raise FileNotFoundError(record)
   try:
-    with open(os.path.join(directory, DIGEST_FILE)) as f:
-      expected = json.load(f)["files"]
+    expected = storage.read_json(record)["files"]
   except (ValueError, KeyError, TypeError):
     return f"its digest record {DIGEST_FILE} is unreadable"
   for name, want in sorted(expected.items()):
-    path = os.path.join(directory, name)
-    if not os.path.isfile(path):
+    path = storage.join(directory, name)
+    if not storage.is_file(path):
       return f"{name} is missing"
-    size = os.path.getsize(path)
+    size = storage.size(path)
     if size != want["size"]:
       return f"{name} has {size:,} bytes instead of {want['size']:,} (cut short or overwritten)"
-    if _sha256(path) != want["sha256"]:
+    if storage.sha256(path) != want["sha256"]:
       return f"the contents of {name} changed after it was written (SHA-256 mismatch)"
   return None
 
@@ -151,22 +140,12 @@ def _storage_errors(what: str, manager):
     ) from None
 
 
-def _identity(directory: str):
-  """(device, inode) of a folder, or None when it does not exist: tells a folder from its
-  replacement."""
-  try:
-    info = os.stat(directory)
-  except FileNotFoundError:
-    return None
-  return info.st_dev, info.st_ino
-
-
 def _earlier(manager) -> str:
   """What a failed write left behind: orbax writes each step in a new folder and removes old ones
   only after."""
   if manager.vanished():
     return "that folder was removed or replaced during the run"
-  steps = [s for s in sorted(manager.all_steps()) if os.path.isdir(_step_dir(manager, s))]
+  steps = [s for s in sorted(manager.all_steps()) if storage.is_dir(_step_dir(manager, s))]
   if not steps:
     return "there is no earlier checkpoint"
   return (
@@ -181,14 +160,17 @@ class Manager(ocp.CheckpointManager):
 
   def __init__(self, directory: str, *, options: ocp.CheckpointManagerOptions):
     super().__init__(directory, options=options)
-    self._identity = _identity(directory)
+    self._identity = storage.identity(directory)
     self._unsealed = []  # steps this process saved whose digests are not recorded yet
     self._in_flight = None
     self._damage = {}  # step -> find_damage verdict, computed once per manager
 
   def vanished(self) -> bool:
-    """Whether the checkpoint folder was deleted, moved or replaced since this manager opened it."""
-    return _identity(str(self.directory)) != self._identity
+    """Whether the checkpoint folder was deleted, moved or replaced since this manager opened it.
+
+    A bucket prefix exists only once something is written under it: until then nothing can vanish.
+    """
+    return self._identity is not None and storage.identity(self.directory) != self._identity
 
   def save(self, step: int, *args, **kwargs) -> bool:
     # orbax would wait here anyway; this also records the previous digests
@@ -221,7 +203,7 @@ class Manager(ocp.CheckpointManager):
       return
     for step in steps:
       directory = _step_dir(self, step)
-      if not os.path.isdir(directory):  # keep_checkpoints never removes the newest step at once
+      if not storage.is_dir(directory):  # keep_checkpoints never removes the newest step at once
         raise OSError(
           f"Could not write the checkpoint of step {step} in {self.directory}: orbax did not "
           f"commit it (--verbose shows its report); {_earlier(self)}."
@@ -229,6 +211,8 @@ class Manager(ocp.CheckpointManager):
       with _storage_errors(f"record the digests of the checkpoint of step {step}", self):
         record_digests(directory)
       self.forget(step)
+    if steps and self._identity is None:  # a bucket prefix that has just come into being
+      self._identity = storage.identity(self.directory)
 
   def forget(self, step: int) -> None:
     """Drops the cached verdict of a step whose folder was just written or moved."""
@@ -265,16 +249,14 @@ def make_manager(workdir: str, *, keep: int, read_only: bool = False) -> Manager
     absl_logger.removeFilter(drop)
 
 
-def save(manager: Manager, *, state, data_iterator, config, force: bool = False) -> None:
+def save(manager: Manager, *, state, config, force: bool = False) -> None:
   """Starts writing a checkpoint of `state` at its step (returns before the write ends)."""
   step = int(jax.device_get(state.step))
   items = dict(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config.to_dict()))
-  if data_iterator is not None:
-    items["data"] = grain_checkpoint.CheckpointSave(data_iterator)
   manager.save(step, args=ocp.args.Composite(**items), force=force)
 
 
-def _restore_one(manager: Manager, step: int, *, abstract_state, data_iterator):
+def _restore_one(manager: Manager, step: int, *, abstract_state):
   """The state of `step`; CheckpointError naming the step and the damage when it is corrupt."""
   where = f"The checkpoint of step {step} in {manager.directory}"
   try:
@@ -286,10 +268,6 @@ def _restore_one(manager: Manager, step: int, *, abstract_state, data_iterator):
   if damage:
     raise CheckpointError(f"{where} is corrupt: {damage}.")
   items = dict(state=ocp.args.StandardRestore(abstract_state))
-  # An imported checkpoint (ddpm_jax.convert) holds no iterator position: the data order then starts
-  # afresh.
-  if data_iterator is not None and "data" in manager.item_metadata(step).keys():
-    items["data"] = grain_checkpoint.CheckpointRestore(data_iterator)
   if recorded:  # verified: a failure now is a bug, not damage
     return manager.restore(step, args=ocp.args.Composite(**items)).state
   logging.warning(
@@ -305,14 +283,9 @@ def _restore_one(manager: Manager, step: int, *, abstract_state, data_iterator):
 
 def _set_aside(manager: Manager, step: int, workdir: str) -> str:
   """Moves a corrupt step folder out of orbax's sight (training would write that step again)."""
-  target = os.path.join(corrupt_dir(workdir), str(step))
+  target = storage.join(corrupt_dir(workdir), str(step))
   if jax.process_index() == 0:
-    os.makedirs(corrupt_dir(workdir), exist_ok=True)
-    i = 0
-    while os.path.exists(target):
-      i += 1
-      target = os.path.join(corrupt_dir(workdir), f"{step}_{i}")
-    os.rename(_step_dir(manager, step), target)
+    target = storage.move(_step_dir(manager, step), storage.fresh_path(target))
   manager.forget(step)
   return target
 
@@ -321,11 +294,10 @@ def restore(
   manager: Manager,
   *,
   abstract_state,
-  data_iterator=None,
   step: int | None = None,
   set_aside_corrupt: bool = False,
 ):
-  """The train state (and iterator position) of `step`, or of the newest intact checkpoint.
+  """The train state of `step`, or of the newest intact checkpoint.
 
   A named step that is corrupt is a CheckpointError. Without a step, corrupt checkpoints are skipped
   with a warning that names each and says why; with set_aside_corrupt (training) each skipped one is
@@ -333,14 +305,12 @@ def restore(
   deleted.
   """
   if step is not None:
-    return _restore_one(manager, step, abstract_state=abstract_state, data_iterator=data_iterator)
-  workdir = os.path.dirname(str(manager.directory))
+    return _restore_one(manager, step, abstract_state=abstract_state)
+  workdir = storage.parent(str(manager.directory))
   skipped = []
   for candidate in sorted(manager.all_steps(), reverse=True):
     try:
-      state = _restore_one(
-        manager, candidate, abstract_state=abstract_state, data_iterator=data_iterator
-      )
+      state = _restore_one(manager, candidate, abstract_state=abstract_state)
     except CheckpointError as e:
       skipped.append(str(e))
       note = ""
@@ -400,6 +370,29 @@ def resolve_step(manager: Manager, workdir: str, step: int = -1) -> int:
   )
 
 
+def checkpoint_steps(workdir: str) -> list[int]:
+  """The steps of the finished checkpoints in `workdir` now (a fresh read-only listing, no
+  locks)."""
+  if not storage.is_dir(checkpoint_dir(workdir)):
+    return []
+  return sorted(make_manager(workdir, keep=1, read_only=True).all_steps())
+
+
+def restore_ema_params(config, workdir: str, *, built, mesh, step: int = -1):
+  """The EMA parameters of a checkpoint in `workdir` (the newest intact one when step = -1) and its
+  step, after checking that `config` describes the model the checkpoint was trained as."""
+  manager = make_manager(workdir, keep=1, read_only=True)
+  step = resolve_step(manager, workdir, step)
+  saved = read_config(workdir)
+  if saved is not None:
+    check_compatible(saved, config, source=f"the checkpoint in {workdir}")
+  abstract = state_lib.abstract_state(
+    built.model, built.tx, shape=state_lib.image_shape(config), mesh=mesh
+  )
+  state = restore(manager, abstract_state=abstract, step=step)
+  return state.ema_params, step
+
+
 def newest_on_disk(manager: Manager) -> str:
   """A sentence naming the newest committed checkpoint (after any write in flight has finished)."""
   manager.wait_until_finished()
@@ -442,23 +435,19 @@ def check_compatible(saved: dict, config: ml_collections.ConfigDict, *, source: 
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> str:
-  """Writes the resolved config as WORKDIR/config.json (process 0 only; WORKDIR may be a gs://
-  URL)."""
-  path = epath.Path(workdir) / "config.json"
+  """Writes the resolved config as WORKDIR/config.json, atomically (process 0 only)."""
+  path = storage.join(storage.resolve(workdir), "config.json")
   if jax.process_index() == 0:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / "config.json.tmp"
-    tmp.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True))
-    tmp.replace(path)  # readers never see a half-written file
-  return os.fspath(path)
+    storage.write_json(path, config.to_dict())
+  return path
 
 
 def read_config(workdir: str) -> dict | None:
-  path = epath.Path(workdir) / "config.json"
-  if not path.exists():
+  path = storage.join(storage.resolve(workdir), "config.json")
+  if not storage.exists(path):
     return None
   try:
-    return json.loads(path.read_text())
+    return storage.read_json(path)
   except ValueError as e:
     raise CheckpointError(
       f"{path} is not valid JSON ({e}); restore it from the newest checkpoint's "

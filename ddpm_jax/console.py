@@ -137,3 +137,16 @@ def quiet_background(verbose: bool) -> None:
       except_hook(kind, value, tb)
 
   sys.excepthook = excepthook
+
+
+def unknown_key_sentence(error: BaseException) -> str:
+  """One sentence for a misspelt --config.a.b override (ml_collections raises a KeyError, or an
+  AttributeError holding one, whose text is a repr with a newline and a suggestion)."""
+  while isinstance(error, (KeyError, AttributeError)) and error.args:
+    inner = error.args[0]
+    if not isinstance(inner, BaseException):
+      break
+    error = inner
+  text = str(error.args[0]) if error.args else str(error)
+  text = " ".join(text.replace("'", "").split())
+  return f"unknown config key in the command line overrides: {text}"

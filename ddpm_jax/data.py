@@ -8,7 +8,7 @@ so a run on 1 host and a run on 64 hosts see the same global batches, and the it
 
 import functools
 import os
-import pathlib
+import posixpath
 import socket
 import sys
 
@@ -19,6 +19,7 @@ from absl import logging
 from PIL import Image
 
 from ddpm_jax import console
+from ddpm_jax import storage
 from ddpm_jax.errors import DatasetError  # pylint: disable=unused-import (re-exported)
 
 _TFDS_NAMES = {"cifar10": "cifar10", "celeb_a_hq": "celeb_a_hq/256"}
@@ -94,7 +95,7 @@ class ImageFolderSource:
     return len(self._paths)
 
   def __getitem__(self, index: int) -> np.ndarray:
-    with Image.open(self._paths[index]) as image:
+    with storage.open_read(self._paths[index]) as f, Image.open(f) as image:
       image = image.convert(self._mode)
     return _as_hwc(center_crop_resize(image, self._size))
 
@@ -120,17 +121,27 @@ class TfdsImageSource:
     return f"TfdsImageSource({len(self)} images)"
 
 
-def _image_paths(folder: str) -> list[pathlib.Path]:
-  """Sorted PNG/JPEG files (any case of the suffix) anywhere under `folder`."""
+def image_paths_under(folder: str) -> list[str]:
+  """Every PNG/JPEG file (any case of the suffix) anywhere under `folder` (a local path or a gs://
+  URL), in the order of their path components."""
+  found = [
+    f for f in storage.files_under(folder) if posixpath.splitext(f)[1].lower() in _IMAGE_SUFFIXES
+  ]
+  return [
+    storage.join(storage.resolve(folder), f) for f in sorted(found, key=lambda f: f.split("/"))
+  ]
+
+
+def _image_paths(folder: str) -> list[str]:
+  """The images of config.data.image_folder; DatasetError when there are none."""
   if not folder:
     raise DatasetError(
       "config.data.image_folder is empty; set it to a folder of PNG/JPEG images "
       "when config.data.dataset = 'image_folder'."
     )
-  root = pathlib.Path(folder).expanduser()
-  if not root.is_dir():
+  if not storage.is_dir(folder):
     raise DatasetError(f"config.data.image_folder = {folder!r} is not an existing folder.")
-  paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES and p.is_file())
+  paths = image_paths_under(folder)
   if not paths:
     raise DatasetError(f"config.data.image_folder = {folder!r} contains no .png/.jpg/.jpeg files.")
   return paths
@@ -263,14 +274,6 @@ def _tfds_source(dataset: str, *, split: str, data_dir: str | None):
 # Public entry points.
 
 
-def _check_shape_config(data_config):
-  """DatasetError unless image_size is positive and num_channels is 1 or 3."""
-  if int(data_config.image_size) <= 0:
-    raise DatasetError(f"config.data.image_size = {data_config.image_size} must be positive.")
-  if data_config.num_channels not in (1, 3):
-    raise DatasetError(f"config.data.num_channels = {data_config.num_channels} must be 1 or 3.")
-
-
 def _check_first_image(source, data_config):
   """DatasetError when the source's images do not have config.data.num_channels channels."""
   image = source[0]
@@ -289,7 +292,7 @@ def _check_first_image(source, data_config):
 def load_images(data_config, *, split: str):
   """The random-access source of `split`: `len(src)`, `src[i]` -> uint8 [image_size, image_size,
   C]."""
-  _check_shape_config(data_config)
+  assert int(data_config.image_size) > 0 and data_config.num_channels in (1, 3), data_config
   dataset, size, channels = (
     data_config.dataset,
     int(data_config.image_size),
@@ -346,15 +349,24 @@ def _check_sharding(*, global_batch_size: int, process_index: int, process_count
 
 
 def train_iterator(
-  data_config, *, global_batch_size: int, seed: int, process_index: int = 0, process_count: int = 1
+  data_config,
+  *,
+  global_batch_size: int,
+  seed: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  start_batch: int = 0,
 ) -> grain.DatasetIterator:
-  """Endless uint8 batches [global_batch_size // process_count, H, W, C] for this process.
+  """Endless uint8 batches [global_batch_size // process_count, H, W, C] for this process, from
+  global batch `start_batch` on.
 
   One global stream: epoch e is the whole dataset shuffled with a seed folded with e (Grain's
   shuffle + repeat), each element flipped (if config.data.random_flip) by a draw seeded with its
   stream position. The stream is cut into blocks of L = global_batch_size // process_count;
   process p takes blocks p, p + P, p + 2P, ..., so global batch s is the concatenation over
   processes of their s-th batches whatever P is, and each process decodes only its own rows.
+  Batch s is thus a function of the seed and s alone: a run resumed at step s reads from
+  start_batch = s, on any number of processes or Grain workers.
   """
   _check_sharding(
     global_batch_size=global_batch_size, process_index=process_index, process_count=process_count
@@ -370,7 +382,7 @@ def train_iterator(
   if data_config.random_flip:
     ds = ds.random_map(_random_flip, seed=flip_seed)
   ds = ds.batch(global_batch_size // process_count, drop_remainder=True)
-  ds = ds[process_index::process_count]
+  ds = ds[process_index + start_batch * process_count :: process_count]
   it_ds = ds.to_iter_dataset(_READ_OPTIONS)
   if data_config.num_workers > 0:
     if (

@@ -1,11 +1,13 @@
 """Pixels: conversions at the model boundary ([0, 255] <-> [-1, 1]), sample grids, chain strips, PNG
 files."""
 
+import io
 import math
 
 import numpy as np
-from etils import epath
 from PIL import Image
+
+from ddpm_jax import storage
 
 
 def to_model_input(images_uint8):
@@ -52,11 +54,10 @@ def upscale(image: np.ndarray, factor: int) -> np.ndarray:
 def save_png(path: str, image: np.ndarray, *, min_size: int = 512) -> str:
   """Writes a uint8 [H, W, C] image (C = 1 or 3), enlarged to at least `min_size` pixels wide.
 
-  `path` may be a gs:// URL (written through etils.epath, as orbax writes checkpoints).
+  `path` may be a gs:// URL (the file goes through `storage`, written atomically).
   """
-  out = epath.Path(path)
-  out.parent.mkdir(parents=True, exist_ok=True)
   image = upscale(image, max(1, math.ceil(min_size / image.shape[1])))
-  with out.open("wb") as f:
-    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(f, format="PNG")
+  buffer = io.BytesIO()
+  Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, format="PNG")
+  storage.write_bytes(path, buffer.getvalue())
   return path

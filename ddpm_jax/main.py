@@ -10,12 +10,15 @@ import logging as std_logging
 import os
 import sys
 
-os.environ.setdefault(
-  "TF_CPP_MIN_LOG_LEVEL", "3"
-)  # TensorFlow (for TFDS, TensorBoard) is quiet unless asked
+# TensorFlow (for TFDS) is quiet unless asked.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# gs:// paths go through gcsfs in every library that uses etils.epath (this package, orbax, Grain,
+# TFDS), not TensorFlow's file system: one way to a bucket, the one tested (docs/scale.md).
+os.environ.setdefault("EPATH_USE_TF", "false")
 
 # pylint: disable=g-import-not-at-top
 import jax
+import orbax.checkpoint
 from absl import app
 from absl import flags
 from absl import logging
@@ -23,19 +26,37 @@ from ml_collections import config_flags
 
 from ddpm_jax import console
 from ddpm_jax import data
+from ddpm_jax import interpolate
 from ddpm_jax import parallel
+from ddpm_jax import storage
+from ddpm_jax import train
 from ddpm_jax import validation
 from ddpm_jax import xla_cpu
 from ddpm_jax.errors import ConfigError
+from ddpm_jax.evaluation import bpd
+from ddpm_jax.evaluation import fid
+from ddpm_jax.evaluation import samples
+from ddpm_jax.evaluation import watch
+
+# What each --mode runs: f(config, workdir).
+MODES = {
+  "train": train.train,
+  "sample": samples.dump_samples,
+  "interpolate": interpolate.run,
+  "bpd": bpd.evaluate,
+  "fid": fid.evaluate,
+  "evaluate_watch": watch.watch,
+}
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
   "config", None, "Path to a config file, e.g. configs/cifar10.py.", lock_config=True
 )
 flags.DEFINE_string(
-  "workdir", None, "Directory for checkpoints, samples, TensorBoard events and config.json."
+  "workdir",
+  None,
+  "Directory (or gs:// URL) for checkpoints, samples, TensorBoard events and config.json.",
 )
-MODES = ("train", "sample", "interpolate", "bpd", "fid", "evaluate_watch")
 flags.DEFINE_enum(
   "mode",
   "train",
@@ -49,44 +70,23 @@ flags.mark_flags_as_required(["config", "workdir"])
 flags.DEFINE_bool(
   "verbose", False, "Also show TensorFlow/XLA start-up lines and orbax's background reports."
 )
-FLAGS["config"].parser = console.checked_config_parser(
-  FLAGS["config"].parser
-)  # import errors as one sentence
+# config-file import errors as one sentence
+FLAGS["config"].parser = console.checked_config_parser(FLAGS["config"].parser)
 
-
-USER_ERRORS = (
-  ConfigError,
-  OSError,
-)  # bad config values, bad paths, full disks; anything else is a bug
+# bad config values, bad paths, full disks; anything else is a bug
+USER_ERRORS = (ConfigError, OSError)
 
 
 def run(config, workdir: str, mode: str):
   """Runs one mode (what `main` does after flag parsing and process set-up)."""
-  from ddpm_jax import evaluate  # pylint: disable=g-import-not-at-top
-  from ddpm_jax import train  # pylint: disable=g-import-not-at-top
-
-  if mode == "train":
-    return train.train_and_evaluate(config, workdir)
-  if mode == "sample":
-    return evaluate.dump_samples(config, workdir)
-  if mode == "interpolate":
-    from ddpm_jax import interpolate  # pylint: disable=g-import-not-at-top
-
-    return interpolate.run(config, workdir)
-  if mode == "bpd":
-    return evaluate.evaluate_bpd(config, workdir)
-  if mode == "fid":
-    return evaluate.evaluate_fid(config, workdir)
-  if mode == "evaluate_watch":
-    return evaluate.watch(config, workdir)
-  raise ConfigError(f"Unknown mode {mode!r}; expected one of {', '.join(MODES)}.")
+  if mode not in MODES:
+    raise ConfigError(f"Unknown mode {mode!r}; expected one of {', '.join(MODES)}.")
+  return MODES[mode](config, workdir)
 
 
 def _library_chatter_filter():
   """A log filter that keeps JAX's and orbax's warnings and drops their INFO records (every save,
   backend probing)."""
-  import orbax.checkpoint  # pylint: disable=g-import-not-at-top
-
   chatty = tuple(os.path.dirname(m.__file__) + os.sep for m in (jax, orbax.checkpoint))
   return lambda record: (
     record.levelno >= std_logging.WARNING or not record.pathname.startswith(chatty)
@@ -102,12 +102,10 @@ def main(argv):
   data.hide_accelerators_from_tensorflow()
   if not FLAGS.verbose:
     logging.get_absl_handler().addFilter(_library_chatter_filter())
-  from ddpm_jax import train  # pylint: disable=g-import-not-at-top
-
   try:
-    validation.validate(
-      FLAGS.config, mode=FLAGS.mode
-    )  # every key, before any device or file is touched
+    storage.check_supported(FLAGS.workdir, what="--workdir")
+    # every key, before any device or file is touched
+    validation.validate(FLAGS.config, mode=FLAGS.mode)
     xla_cpu.synchronous_dispatch()  # before JAX's backends start (README "Performance")
     parallel.maybe_initialize_distributed(FLAGS.config.distributed)
     if jax.process_index() > 0:  # one log for the whole job: process 0's
@@ -134,9 +132,7 @@ def parse_flags(argv):
   except console.ConfigFileError as e:
     print(f"ddpm_jax: error: {e}", file=sys.stderr)
   except (KeyError, AttributeError) as e:
-    print(
-      f"ddpm_jax: error: unknown config key in the command line overrides: {e}", file=sys.stderr
-    )
+    print(f"ddpm_jax: error: {console.unknown_key_sentence(e)}", file=sys.stderr)
   sys.exit(1)
 
 

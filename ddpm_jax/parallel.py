@@ -85,6 +85,19 @@ def round_up_to_devices(n: int) -> int:
   return -(-n // d) * d
 
 
+def process_block(global_size: int) -> tuple[int, int]:
+  """(first, end) of this process's rows of a global batch: process p holds rows p*L .. (p+1)*L - 1
+  with L = global_size / process count."""
+  local = global_size // jax.process_count()
+  return jax.process_index() * local, (jax.process_index() + 1) * local
+
+
+def process_rows(rows):
+  """This process's block of the rows of a global batch that every process holds whole."""
+  first, end = process_block(len(rows))
+  return rows[first:end]
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
@@ -112,7 +125,7 @@ class DevicePrefetcher:
   `take(n)` returns the next n host batches stacked as one global array [n, B, ...] (sharded on
   axis 1); `prefetch(n)` reads and places the following n now. The host iterator thus runs ahead of
   what was handed out: `rewind()` sets it back to just after the last batch handed out (dropping
-  what was read ahead), so its `get_state()` is the position a checkpoint must hold.
+  what was read ahead), as `take` does when asked for another count than was prefetched.
   """
 
   def __init__(self, host_iterator, mesh: Mesh):

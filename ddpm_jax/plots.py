@@ -3,13 +3,15 @@
 Used for the bits/dim-per-timestep picture of `--mode=bpd` (the paper's rate figure).
 """
 
+import io
 import math
-import os
 
 import numpy as np
 from PIL import Image
 from PIL import ImageDraw
 from PIL import ImageFont
+
+from ddpm_jax import storage
 
 _COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14))
 _SIZE = (900, 560)
@@ -120,6 +122,7 @@ def line_plot(
   )
   image.paste(label.rotate(90, expand=True), (8, top))
 
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  image.save(path)
+  buffer = io.BytesIO()
+  image.save(buffer, format="PNG")
+  storage.write_bytes(path, buffer.getvalue())
   return path

@@ -8,6 +8,9 @@ unchanged; its index k stands for the original timestep `timesteps[k]`, which is
 must see.
 """
 
+import dataclasses
+
+import jax
 import numpy as np
 
 from ddpm_jax import diffusion as dm
@@ -130,10 +133,14 @@ def respaced_betas(alphas_cumprod: np.ndarray, timesteps) -> np.ndarray:
 
 def respace(d: dm.Diffusion, timesteps) -> dm.Diffusion:
   """The diffusion over the kept steps only (index k = original step timesteps[k]); `d` itself when
-  all T are kept, so that the full schedule stays bit-identical."""
+  all T are kept, and its arrays' first n entries when the first n steps are kept (interpolation
+  decodes from step t down), so that the original schedule stays bit-identical."""
   kept = check_timesteps(timesteps, d.num_timesteps)
   if len(kept) == d.num_timesteps:
     return d
+  if kept[-1] == len(kept) - 1:  # the first n steps: the same process, stopped early
+    names = [f.name for f in dataclasses.fields(d) if isinstance(getattr(d, f.name), jax.Array)]
+    return dataclasses.replace(d, **{name: getattr(d, name)[: len(kept)] for name in names})
   # abar in float64 from the stored float32 betas: ratios of it lose nothing beyond float32's
   # precision.
   abar = np.cumprod(1.0 - np.asarray(d.betas, np.float64))

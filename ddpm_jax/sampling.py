@@ -9,12 +9,12 @@ timestep t: the images do not depend on the batch size or the number of devices,
 """
 
 import math
-import time
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 from jax.sharding import PartitionSpec as P
 
 from ddpm_jax import diffusion as dm
@@ -71,7 +71,7 @@ def _check_method(method: str, eta: float):
     )
 
 
-def sampler_options(sampling_config, num_timesteps: int) -> dict:
+def sampler_options(sampling_config, num_timesteps: int, *, mean_type: str = "eps") -> dict:
   """The `make_sampler` keyword options a `config.sampling` section asks for (method, timesteps,
   eta), validated; configs saved before these keys existed mean ancestral sampling over all T
   steps."""
@@ -83,19 +83,83 @@ def sampler_options(sampling_config, num_timesteps: int) -> dict:
     num_steps=c.get("num_steps", -1),
     num_timesteps=num_timesteps,
   )
+  _check_mean_type(mean_type, timesteps, num_timesteps)
   return {"method": method, "timesteps": timesteps, "eta": eta}
 
 
-def describe(sampling_config, num_timesteps: int) -> dict:
-  """What a result file records about how its samples were drawn: method, number of steps, spacing,
-  eta."""
-  options = sampler_options(sampling_config, num_timesteps)
-  return {
-    "method": options["method"],
-    "num_steps": int(len(options["timesteps"])),
-    "spacing": str(sampling_config.get("spacing", "uniform")),
-    "eta": options["eta"] if options["method"] == "ddim" else None,
-  }
+def _check_mean_type(mean_type: str, timesteps, num_timesteps: int):
+  """A model that predicts x_{t-1} predicts it for the original step t - 1, which a respaced step
+  from t does not go to: such samples would be wrong (improved-diffusion respaces eps and x0 models
+  only)."""
+  if mean_type == "xprev" and len(timesteps) < num_timesteps:
+    raise ConfigError(
+      f"config.sampling keeps {len(timesteps)} of the {num_timesteps} steps, but a model with "
+      "config.diffusion.mean_type = 'xprev' predicts x_(t-1) for the original steps only: sample "
+      "it with all T steps (config.sampling.num_steps = -1)."
+    )
+
+
+def record(config) -> dict:
+  """What results record about a config's sampler, and what names their folders: method, number of
+  steps, and the spacing (when not every step is kept) and eta (DDIM) that change the samples."""
+  T = int(config.diffusion.num_timesteps)
+  options = sampler_options(config.sampling, T, mean_type=config.diffusion.mean_type)
+  out = {"method": options["method"], "num_steps": int(len(options["timesteps"]))}
+  if out["num_steps"] < T:
+    out["spacing"] = str(config.sampling.get("spacing", "uniform"))
+  if options["method"] == "ddim":
+    out["eta"] = options["eta"]
+  return out
+
+
+def tag(sampler_record: dict) -> str:
+  """'ancestral1000' (+ '_eta0.0'-style suffixes for further settings): a folder-name-safe label."""
+  extra = "".join(
+    f"_{k}{v}" for k, v in sorted(sampler_record.items()) if k not in ("method", "num_steps")
+  )
+  label = f"{sampler_record['method']}{sampler_record['num_steps']}{extra}"
+  return label.replace("/", "-").replace(" ", "")
+
+
+def from_config(config, built, mesh, *, record_every: int = 0, on_step=None, as_uint8=True):
+  """The sampler `config.sampling` describes, for the model and diffusion `built` from `config`
+  (see `make_sampler`): the one place a config turns into a sampler."""
+  T = built.diffusion.num_timesteps
+  return make_sampler(
+    built.model,
+    built.diffusion,
+    mesh,
+    image_shape=(config.data.image_size, config.data.image_size, config.data.num_channels),
+    clip_denoised=config.sampling.clip_denoised,
+    record_every=record_every,
+    on_step=on_step,
+    as_uint8=as_uint8,
+    **sampler_options(config.sampling, T, mean_type=config.diffusion.mean_type),
+  )
+
+
+def draw_normal(sample_keys, t, shape):
+  """N(0, I) noise [B, *shape] of each sample for (original) step t: fold_in(sample key, t)."""
+  return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, t), shape))(sample_keys)
+
+
+def reverse_step_fn(model, spaced: dm.Diffusion, kept, *, method: str, eta: float, clip_denoised):
+  """Returns `step(params, x, k, sample_keys) -> (x at the next kept step below, predicted x0)`:
+  the reverse step from kept step k (original timestep kept[k]) of the respaced diffusion `spaced`;
+  the network sees the original timestep, the noise comes from fold_in(sample key, kept[k])."""
+  kept = jnp.asarray(kept)
+
+  def step(params, x, k, sample_keys):
+    batch = x.shape[0]
+    t = kept[k]
+    out = model.apply(params, x, jnp.full((batch,), t, jnp.int32), train=False)
+    noise = draw_normal(sample_keys, t, x.shape[1:]) if method == "ancestral" or eta > 0 else None
+    k = jnp.full((batch,), k, jnp.int32)
+    if method == "ancestral":
+      return dm.p_sample(spaced, out, x, k, noise=noise, clip_denoised=clip_denoised)
+    return dm.ddim_sample(spaced, out, x, k, eta=eta, noise=noise, clip_denoised=clip_denoised)
+
+  return step
 
 
 def make_sampler(
@@ -110,6 +174,7 @@ def make_sampler(
   timesteps=None,
   eta: float = 0.0,
   as_uint8: bool = True,
+  on_step=None,
 ):
   """Returns `sample(params, key, ids) -> uint8 images` (and a `Chain` when record_every > 0).
 
@@ -118,44 +183,38 @@ def make_sampler(
   update uses the schedule respaced to them. `method`: "ancestral" (p_sample) or "ddim" with `eta`.
   x_T and the noise of the step from t are drawn from `fold_in(fold_in(key, id), T or t)` whatever
   is kept. `as_uint8=False` returns the float32 images (and records) unclipped instead, for
-  comparisons with other code.
+  comparisons with other code. `on_step(steps_done)`, if given, is called on the host of the first
+  device during the loop (about 50 times per batch), to show progress within a slow batch.
   """
   _check_method(method, eta)
   T = d.num_timesteps
   kept = respace.check_timesteps(np.arange(T) if timesteps is None else timesteps, T)
-  spaced = respace.respace(d, kept)
+  _check_mean_type(d.mean_type, kept, T)
+  step_fn = reverse_step_fn(
+    model, respace.respace(d, kept), kept, method=method, eta=eta, clip_denoised=clip_denoised
+  )
   num_steps = len(kept)
   recorded = record_steps(kept, record_every) if record_every else np.zeros((0,), np.int64)
   slot_of_step = np.full((num_steps,), -1, np.int32)
   slot_of_step[recorded] = np.arange(len(recorded))
   shape = tuple(image_shape)
 
-  def reverse_step(out, x, k, noise):
-    if method == "ancestral":
-      return dm.p_sample(spaced, out, x, k, noise=noise, clip_denoised=clip_denoised)
-    return dm.ddim_sample(spaced, out, x, k, eta=eta, noise=noise, clip_denoised=clip_denoised)
-
   def per_device(params, key, ids):
     sample_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, ids)
-    draw = lambda t: jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, t), shape))(
-      sample_keys
-    )
-    x = draw(T)  # x_{T-1} ~ N(0, I)
+    x = draw_normal(sample_keys, T, shape)  # x_{T-1} ~ N(0, I)
     records = jnp.zeros((len(recorded), 2, ids.shape[0]) + shape, jnp.float32)
-    batch = ids.shape[0]
 
     def body(i, carry):
       x, records = carry
       k = num_steps - 1 - i  # index into the kept steps
-      t_scalar = jnp.asarray(kept)[k]  # the original timestep
-      out = model.apply(params, x, jnp.full((batch,), t_scalar, jnp.int32), train=False)
-      noise = draw(t_scalar) if method == "ancestral" or eta > 0 else None
-      x, pred_xstart = reverse_step(out, x, jnp.full((batch,), k, jnp.int32), noise)
+      x, pred_xstart = step_fn(params, x, k, sample_keys)
       if record_every:
         slot = jnp.asarray(slot_of_step)[k]
         records = jax.lax.cond(
           slot >= 0, lambda r: r.at[slot].set(jnp.stack([x, pred_xstart])), lambda r: r, records
         )
+      if on_step is not None:
+        _report_step(i + 1, num_steps, on_step)
       return x, records
 
     x, records = jax.lax.fori_loop(0, num_steps, body, (x, records))
@@ -175,26 +234,53 @@ def make_sampler(
   return sample_with_chain
 
 
+def _report_step(done, num_steps: int, on_step):
+  """Calls on_step(done) from inside the loop, on the first device only, every ~2% of the steps."""
+  every = max(1, num_steps // 50)
+  due = ((done % every) == 0) & (jax.lax.axis_index(parallel.AXIS) == 0)
+  jax.lax.cond(due, lambda: jax.debug.callback(on_step, done, num_steps), lambda: None)
+
+
 def sample_ids(start: int, batch_size: int, mesh):
   """Global sample ids start .. start+batch_size-1, sharded over devices (each process gives its
   block)."""
-  local = batch_size // jax.process_count()
-  first = start + jax.process_index() * local
-  return parallel.global_batch(np.arange(first, first + local, dtype=np.int32), mesh)
+  first, end = parallel.process_block(batch_size)
+  return parallel.global_batch(np.arange(start + first, start + end, dtype=np.int32), mesh)
+
+
+class Progress:
+  """A bar over images (shown by process 0) that also moves within a batch, step by step, when it is
+  handed to the sampler as `on_step` (a batch of 1000 steps on a slow machine takes minutes)."""
+
+  def __init__(self, total: int, *, desc: str = "sampling"):
+    self._bar = tqdm.tqdm(total=total, unit="img", desc=desc, disable=jax.process_index() != 0)
+    self._batch = (0, 0)  # images done before the current batch, images in it
+
+  def on_step(self, done, num_steps):
+    before, size = self._batch
+    self._bar.update(before + size * int(done) // int(num_steps) - self._bar.n)
+
+  def begin(self, done: int, size: int):
+    self._batch = (done, size)
+
+  def end(self, done: int):
+    self._bar.update(done - self._bar.n)
+    if done >= self._bar.total:
+      self._bar.close()
 
 
 def generate(
   sample_fn, params, *, key, num_samples: int, batch_size: int, mesh, progress=None
 ) -> np.ndarray:
   """`num_samples` uint8 images [N, H, W, C] in batches of `batch_size` (any N; the last batch is
-  cut).
-
-  `progress(done, total, seconds)` is called after every batch.
-  """
-  out, start_time = [], time.time()
+  cut). `progress`: a `Progress`, told where each batch begins and ends."""
+  out = []
   for start in range(0, num_samples, batch_size):
-    batch = parallel.to_host(sample_fn(params, key, sample_ids(start, batch_size, mesh)))
-    out.append(batch[: num_samples - start])
+    size = min(batch_size, num_samples - start)
     if progress is not None:
-      progress(min(start + batch_size, num_samples), num_samples, time.time() - start_time)
+      progress.begin(start, size)
+    batch = parallel.to_host(sample_fn(params, key, sample_ids(start, batch_size, mesh)))
+    out.append(batch[:size])
+    if progress is not None:
+      progress.end(start + size)
   return np.concatenate(out, axis=0)

@@ -10,6 +10,7 @@ import optax
 
 from ddpm_jax import diffusion as dm
 from ddpm_jax import parallel
+from ddpm_jax import streams
 from ddpm_jax.models import unet
 
 
@@ -67,10 +68,9 @@ def image_shape(config):
 def init_state(model, tx, *, seed: int, shape) -> TrainState:
   """Fresh parameters (the official initialisation), EMA equal to them, optimizer state, the base
   key."""
-  key = jax.random.key(seed)
   x = jnp.zeros((1,) + tuple(shape), jnp.float32)
   params = model.init(
-    {"params": jax.random.fold_in(key, 0)}, x, jnp.zeros((1,), jnp.int32), train=False
+    {"params": streams.key(seed, streams.PARAMS)}, x, jnp.zeros((1,), jnp.int32), train=False
   )
   return state_from_params(params, tx, seed=seed)
 
@@ -84,7 +84,7 @@ def state_from_params(params, tx, *, seed: int, step: int = 0) -> TrainState:
     params=params,
     ema_params=jax.tree.map(jnp.copy, params),
     opt_state=tx.init(params),
-    key=jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1)),
+    key=jax.random.key_data(streams.key(seed, streams.TRAINING)),
   )
 
 

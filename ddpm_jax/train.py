@@ -5,7 +5,7 @@ linear learning-rate warmup, and an EMA of the weights that sampling and evaluat
 """
 
 import functools
-import os
+import math
 import signal
 import time
 
@@ -23,6 +23,9 @@ from ddpm_jax import images
 from ddpm_jax import parallel
 from ddpm_jax import sampling
 from ddpm_jax import state as state_lib
+from ddpm_jax import storage
+from ddpm_jax import streams
+from ddpm_jax import summaries
 from ddpm_jax import validation
 from ddpm_jax import xla_cpu
 from ddpm_jax.models import unet
@@ -38,9 +41,15 @@ class NonFiniteError(RuntimeError):
 def per_example_randomness(step_key, ids, *, num_timesteps: int, shape):
   """t, noise and a dropout key for each global example id: the same whatever the device count."""
   keys = jax.vmap(jax.random.fold_in, (None, 0))(step_key, ids)
-  t = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 0), (), 0, num_timesteps))(keys)
-  noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), shape))(keys)
-  dropout_keys = jax.vmap(lambda k: jax.random.fold_in(k, 2))(keys)
+  t = jax.vmap(
+    lambda k: jax.random.randint(
+      jax.random.fold_in(k, streams.EXAMPLE_TIMESTEP), (), 0, num_timesteps
+    )
+  )(keys)
+  noise = jax.vmap(
+    lambda k: jax.random.normal(jax.random.fold_in(k, streams.EXAMPLE_NOISE), shape)
+  )(keys)
+  dropout_keys = jax.vmap(lambda k: jax.random.fold_in(k, streams.EXAMPLE_DROPOUT))(keys)
   return t, noise, dropout_keys
 
 
@@ -136,16 +145,6 @@ class _Preemption:
       signal.signal(sig, handler)
 
 
-def _summary_writer(workdir):
-  """TensorBoard event files in WORKDIR (process 0). `main` keeps TensorFlow off the
-  accelerators."""
-  if jax.process_index() != 0:
-    return None
-  from flax.metrics import tensorboard  # pylint: disable=g-import-not-at-top
-
-  return tensorboard.SummaryWriter(workdir)
-
-
 def _format_duration(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   h, rem = divmod(seconds, 3600)
@@ -229,41 +228,38 @@ def write_sample_grid(
   if jax.process_index() != 0:
     return None
   grid = images.make_grid(imgs)
-  path = images.save_png(os.path.join(workdir, "samples", f"step_{step}.png"), grid)
+  path = images.save_png(storage.join(workdir, "samples", f"step_{step}.png"), grid)
   if writer is not None:
-    writer.image("samples", grid[None], step)
+    writer.image("samples", grid, step)
     writer.flush()
   logging.info("Wrote a grid of %d samples: %s", num, path)
   return path
 
 
-def train_and_evaluate(config, workdir: str):
-  """Trains (or resumes) the run in `workdir` to config.training.num_steps. Returns the final
-  state."""
-  c = config.training
-  validation.validate(config, mode="train")
-  parallel.check_batch_size(c.batch_size, what="config.training.batch_size")
-  d, model, tx, lr_fn = state_lib.build(config)
-  mesh = parallel.make_mesh()
+def warn_if_ema_too_slow(c):
+  """The EMA starts at the initial weights and is not bias-corrected (the paper's recipe): a run
+  shorter than a few 1 / (1 - decay) steps samples from mostly random weights, i.e. noise."""
+  left = c.ema_decay**c.num_steps  # the initial weights' share of the EMA at the end
+  if c.num_steps and left > 0.05:
+    suggested = 0.01 ** (1.0 / c.num_steps)
+    logging.warning(
+      "config.training.ema_decay = %s keeps %.0f%% of the initial random weights in the EMA after "
+      "training.num_steps = %d steps, so samples (drawn with the EMA) will look like noise; for a "
+      "run this short use --config.training.ema_decay=%.4f (1%% left) or train longer.",
+      c.ema_decay,
+      100 * left,
+      c.num_steps,
+      math.floor(suggested * 1e4) / 1e4,
+    )
+
+
+def _start_or_resume(config, workdir: str, *, built, manager, mesh):
+  """The newest intact checkpoint's state, or a fresh one when the run has none."""
   shape = state_lib.image_shape(config)
-
-  saved = checkpoint.read_config(workdir)
-  if saved is not None:
-    checkpoint.check_compatible(saved, config, source=f"the run in {workdir}")
-  data_iterator = data.train_iterator(
-    config.data,
-    global_batch_size=c.batch_size,
-    seed=config.seed,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-  )
-  manager = checkpoint.make_manager(workdir, keep=c.keep_checkpoints)
-
   if manager.latest_step() is not None:
     state = checkpoint.restore(
       manager,
-      abstract_state=state_lib.abstract_state(model, tx, shape=shape, mesh=mesh),
-      data_iterator=data_iterator,
+      abstract_state=state_lib.abstract_state(built.model, built.tx, shape=shape, mesh=mesh),
       set_aside_corrupt=True,
     )
     logging.info(
@@ -271,23 +267,50 @@ def train_and_evaluate(config, workdir: str):
       int(state.step),
       checkpoint.checkpoint_dir(workdir),
     )
-  else:
-    state = jax.jit(
-      functools.partial(state_lib.init_state, model, tx, seed=config.seed, shape=shape),
-      out_shardings=parallel.replicated(mesh),
-    )()
-    logging.info("Starting from scratch: %s parameters.", f"{unet.count_params(state.params):,}")
+    return state
+  state = jax.jit(
+    functools.partial(state_lib.init_state, built.model, built.tx, seed=config.seed, shape=shape),
+    out_shardings=parallel.replicated(mesh),
+  )()
+  logging.info("Starting from scratch: %s parameters.", f"{unet.count_params(state.params):,}")
+  return state
 
-  checkpoint.write_config(workdir, config)
-  train_step = make_train_step(model, d, tx, mesh, ema_decay=c.ema_decay, lr_fn=lr_fn)
-  grid_batch = parallel.round_up_to_devices(c.num_grid_samples)
-  sample_fn = sampling.make_sampler(
-    model, d, mesh, image_shape=shape, clip_denoised=config.sampling.clip_denoised
-  )
-  grid_key = jax.random.fold_in(jax.random.key(config.seed), 2)
-  writer = _summary_writer(workdir)
 
+def train(config, workdir: str):
+  """Trains the run in `workdir` (or resumes it, on any topology) to config.training.num_steps,
+  writing checkpoints, sample grids and TensorBoard scalars. Returns the final state."""
+  c = config.training
+  validation.check(config, mode="train")
+  warn_if_ema_too_slow(c)
+  built = state_lib.build(config)
+  mesh = parallel.make_mesh()
+  saved = checkpoint.read_config(workdir)
+  if saved is not None:
+    checkpoint.check_compatible(saved, config, source=f"the run in {workdir}")
+  manager = checkpoint.make_manager(workdir, keep=c.keep_checkpoints)
+  state = _start_or_resume(config, workdir, built=built, manager=manager, mesh=mesh)
   step = int(state.step)
+  # Global batch s is a function of the seed and s: the data resumes at the step, on any topology.
+  data_iterator = data.train_iterator(
+    config.data,
+    global_batch_size=c.batch_size,
+    seed=config.seed,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    start_batch=step,
+  )
+  checkpoint.write_config(workdir, config)
+  train_step = make_train_step(
+    built.model, built.diffusion, built.tx, mesh, ema_decay=c.ema_decay, lr_fn=built.lr_fn
+  )
+  grid = dict(
+    sample_fn=sampling.from_config(config, built, mesh),
+    key=streams.key(config.seed, streams.TRAIN_GRID),
+    num=c.num_grid_samples,
+    batch_size=parallel.round_up_to_devices(c.num_grid_samples),
+    mesh=mesh,
+  )
+  writer = summaries.writer(workdir)
   logger = _Logger(
     writer,
     num_steps=c.num_steps,
@@ -302,9 +325,8 @@ def train_and_evaluate(config, workdir: str):
     while step < c.num_steps:
       n = min(k, c.num_steps - step)
       state, metrics = train_step(state, batches.take(n))
-      batches.prefetch(
-        min(k, c.num_steps - step - n)
-      )  # while the step just dispatched runs (async dispatch)
+      # read the next batches while the step just dispatched runs (async dispatch)
+      batches.prefetch(min(k, c.num_steps - step - n))
       logger.add(step, metrics)
       manager.seal_finished()  # digests of a checkpoint whose background write has just committed
       step, before = step + n, step
@@ -316,11 +338,7 @@ def train_and_evaluate(config, workdir: str):
         logger.report(step)
       if crossed(c.checkpoint_every, before, step) or done or preempted:
         logger.check_finite()
-        # the checkpoint holds the data position of the steps taken, not of the read-ahead
-        batches.rewind()
-        checkpoint.save(
-          manager, state=state, data_iterator=data_iterator, config=config, force=True
-        )
+        checkpoint.save(manager, state=state, config=config, force=True)
       if preempted:
         manager.wait_until_finished()
         logging.info(
@@ -330,30 +348,10 @@ def train_and_evaluate(config, workdir: str):
         )
         return state
       if crossed(c.sample_every, before, step) and c.num_grid_samples and not done:
-        write_sample_grid(
-          workdir,
-          sample_fn=sample_fn,
-          params=state.ema_params,
-          key=grid_key,
-          num=c.num_grid_samples,
-          batch_size=grid_batch,
-          mesh=mesh,
-          step=step,
-          writer=writer,
-        )
+        write_sample_grid(workdir, params=state.ema_params, step=step, writer=writer, **grid)
   manager.wait_until_finished()
   if c.num_steps > 0 and c.num_grid_samples > 0:
-    write_sample_grid(
-      workdir,
-      sample_fn=sample_fn,
-      params=state.ema_params,
-      key=grid_key,
-      num=c.num_grid_samples,
-      batch_size=grid_batch,
-      mesh=mesh,
-      step=step,
-      writer=writer,
-    )
+    write_sample_grid(workdir, params=state.ema_params, step=step, writer=writer, **grid)
   if writer is not None:
     writer.close()
   return state

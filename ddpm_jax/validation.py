@@ -1,16 +1,23 @@
-"""Checks every config key before anything heavy starts (no JAX device, no dataset, no checkpoint).
+"""Every config setting is checked here, once, for the mode being run, before anything heavy starts.
 
-`validate(config, mode=...)` raises one ConfigError naming the first bad key and its value. Each
-config section has one small check function in SECTION_CHECKS; a new section adds one. Checks that
-need the devices (a batch divisible by the device count) stay where the devices are known
-(`parallel.check_batch_size`), and checks of files and folders stay with the code that reads them.
+`validate(config, mode=...)` raises one ConfigError naming the first bad key and its value; it needs
+no device, no dataset and no checkpoint. Each config section has one small check function in
+SECTION_CHECKS; a new section adds one. `check_topology` adds what needs the device and process
+counts (each global batch divisible by them), and `check` runs both: every entry point of a mode
+calls it first. What only reading a file can tell (a dataset's splits, a checkpoint's contents)
+stays with the code that reads it.
 """
 
 import math
 import numbers
 
+import jax
+
 from ddpm_jax import data
 from ddpm_jax import diffusion as dm
+from ddpm_jax import parallel
+from ddpm_jax import sampling
+from ddpm_jax import storage
 from ddpm_jax.errors import ConfigError
 from ddpm_jax.models import unet
 
@@ -64,6 +71,12 @@ def _bool(section, path: str, name: str):
     _fail(f"{path}.{name}", section[name], "must be True or False")
 
 
+def _path(section, path: str, name: str):
+  """A path that is local or a gs:// URL this installation can reach ("" is allowed)."""
+  if section[name]:
+    storage.check_supported(section[name], what=f"config.{path}.{name}")
+
+
 def _string(section, path: str, name: str, *, empty_ok: bool = True):
   value = section[name]
   if not isinstance(value, str) or (not empty_ok and not value):
@@ -95,7 +108,9 @@ def check_data(config, mode: str):
   _choice(c, p, "num_channels", (1, 3))
   _bool(c, p, "random_flip")
   _string(c, p, "tfds_data_dir")
+  _path(c, p, "tfds_data_dir")
   _string(c, p, "image_folder")
+  _path(c, p, "image_folder")
   _int(c, p, "num_workers", minimum=0)
 
 
@@ -172,9 +187,7 @@ def check_sampling(config, mode: str):
   _int(c, p, "num_progressive", minimum=0)
   _int(c, p, "checkpoint_step", minimum=-1)
   # method, num_steps, spacing and eta (respace/sampling own those rules; NumPy only, no devices)
-  from ddpm_jax import sampling  # pylint: disable=g-import-not-at-top
-
-  sampling.sampler_options(c, config.diffusion.num_timesteps)
+  sampling.sampler_options(c, config.diffusion.num_timesteps, mean_type=config.diffusion.mean_type)
 
 
 def check_evaluation(config, mode: str):
@@ -189,7 +202,11 @@ def check_evaluation(config, mode: str):
     return
   _int(c, p, "sample_chunk_size", minimum=1)
   _string(c, p, "inception_weights")
+  _path(c, p, "inception_weights")
   _choice(c, p, "fid_resize", ("tf", "pytorch"))
+  if "fid_input" in c:  # (keys added later are optional in a saved config.json)
+    _choice(c, p, "fid_input", ("uint8", "float"))
+    _int(c, p, "is_splits", minimum=1)
   if not c.fid_reference_splits or not all(
     isinstance(s, str) and s for s in c.fid_reference_splits
   ):
@@ -200,6 +217,7 @@ def check_evaluation(config, mode: str):
     )
   _int(c, p, "num_fid_reference", minimum=0)
   _string(c, p, "stats_dir")
+  _path(c, p, "stats_dir")
   if not c.watch_modes or any(m not in ("bpd", "fid") for m in c.watch_modes):
     _fail(f"{p}.watch_modes", c.watch_modes, "must name one or more of bpd, fid")
   _real(c, p, "watch_poll_secs", above=0)
@@ -207,11 +225,40 @@ def check_evaluation(config, mode: str):
 
 
 def check_interpolation(config, mode: str):
-  if mode != "interpolate":  # only that mode reads the section
+  """The interpolation keys (only --mode=interpolate reads the section)."""
+  if mode != "interpolate":
     return
-  from ddpm_jax import interpolate  # pylint: disable=g-import-not-at-top
-
-  interpolate.check_config(config.interpolation, config.diffusion.num_timesteps)
+  c, p, T = config.interpolation, "interpolation", config.diffusion.num_timesteps
+  if not c.timesteps:
+    raise ConfigError("config.interpolation.timesteps is empty; give at least one t in [1, T].")
+  for t in c.timesteps:
+    if int(t) != t or not 1 <= t <= T:
+      raise ConfigError(
+        f"config.interpolation.timesteps contains t = {t}, outside [1, T = {T}] "
+        f"(t counts noising steps: the paper's t = 1000 of T = 1000 is t = {T} here)."
+      )
+  if not c.lambdas or any(not 0.0 <= lam <= 1.0 for lam in c.lambdas):
+    raise ConfigError(
+      f"config.interpolation.lambdas = {tuple(c.lambdas)} must be a non-empty list of "
+      "numbers in [0, 1]."
+    )
+  if bool(c.image1) != bool(c.image2):
+    raise ConfigError(
+      "config.interpolation.image1 and image2 must be given together (or both left empty), "
+      f"got {c.image1!r} and {c.image2!r}."
+    )
+  for name in ("image1", "image2"):
+    _path(c, p, name)
+    if c[name] and not storage.is_file(c[name]):
+      raise ConfigError(f"config.interpolation.{name} = {c[name]!r} is not a file.")
+  num_pairs = 1 if c.image1 else c.num_pairs
+  if num_pairs < 1:
+    raise ConfigError(f"config.interpolation.num_pairs = {c.num_pairs} must be >= 1.")
+  if not 0 <= c.figure9_pair < num_pairs:
+    raise ConfigError(
+      f"config.interpolation.figure9_pair = {c.figure9_pair} is not one of the {num_pairs} "
+      "pairs (0-indexed)."
+    )
 
 
 def check_distributed(config, mode: str):
@@ -239,7 +286,50 @@ SECTION_CHECKS = {
 
 def validate(config, *, mode: str) -> None:
   """Raises ConfigError naming the first key whose value cannot work in `mode`; returns None if all
-  can."""
+  can. Touches no device, and no file but the existence of the config's own paths."""
   for name, check in SECTION_CHECKS.items():
     if name in config:
       check(config, mode)
+
+
+def _batch_sizes(config, mode: str) -> dict:
+  """The global batch sizes `mode` splits over the devices, by config key."""
+  ev = config.evaluation
+  sizes = {
+    "train": {"training.batch_size": config.training.batch_size},
+    "sample": {"sampling.batch_size": config.sampling.batch_size},
+    "interpolate": {"sampling.batch_size": config.sampling.batch_size},
+    "bpd": {"evaluation.batch_size": ev.batch_size},
+    "fid": {
+      "sampling.batch_size": config.sampling.batch_size,
+      "evaluation.batch_size": ev.batch_size,
+    },
+  }
+  if mode == "evaluate_watch":
+    return {k: v for m in ev.watch_modes for k, v in sizes[m].items()}
+  return sizes.get(mode, {})
+
+
+def check_topology(config, *, mode: str) -> None:
+  """The checks that need the device and process counts (after jax.distributed has started): each
+  global batch `mode` uses splits evenly over the devices of all processes."""
+  for key, size in _batch_sizes(config, mode).items():
+    parallel.check_batch_size(size, what=f"config.{key}")
+  processes = jax.process_count()
+  ev = config.evaluation
+  if mode in ("fid", "evaluate_watch") and "fid" in _modes(config, mode) and processes > 1:
+    if ev.sample_chunk_size % processes or ev.num_fid_samples % processes:
+      raise ConfigError(
+        f"With {processes} processes, config.evaluation.sample_chunk_size and "
+        "num_fid_samples must be multiples of the process count."
+      )
+
+
+def _modes(config, mode: str) -> tuple[str, ...]:
+  return tuple(config.evaluation.watch_modes) if mode == "evaluate_watch" else (mode,)
+
+
+def check(config, *, mode: str) -> None:
+  """`validate` and `check_topology`: what every entry point of a mode runs first."""
+  validate(config, mode=mode)
+  check_topology(config, mode=mode)

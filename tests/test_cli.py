@@ -40,14 +40,14 @@ def test_train_then_sample_writes_valid_files(tmp_path):
 
   result = cli(tmp_path, mode="sample")
   assert result.returncode == 0, result.stderr[-3000:]
-  out = tmp_path / "samples" / "ckpt_4_n6_seed0"
+  out = tmp_path / "samples" / "ckpt_4_n6_seed0_ancestral10"
   arr = np.load(out / "samples.npz")["arr_0"]
   assert arr.shape == (6, 8, 8, 1) and arr.dtype == np.uint8
   for name in ("grid.png", "progressive_x0.png", "chain_xt.png"):
     Image.open(out / name).verify()
   # A second dump never overwrites the first.
   assert cli(tmp_path, mode="sample").returncode == 0
-  assert os.path.exists(tmp_path / "samples" / "ckpt_4_n6_seed0_1" / "samples.npz")
+  assert os.path.exists(tmp_path / "samples" / "ckpt_4_n6_seed0_ancestral10_1" / "samples.npz")
 
 
 def test_sigterm_leaves_a_checkpoint_to_resume_from(tmp_path):

@@ -23,12 +23,17 @@ from conftest import tiny_config
 from ddpm_jax import checkpoint
 from ddpm_jax import data
 from ddpm_jax import diffusion as dm
-from ddpm_jax import evaluate
 from ddpm_jax import images
 from ddpm_jax import parallel
 from ddpm_jax import sampling
 from ddpm_jax import state as state_lib
+from ddpm_jax import storage
 from ddpm_jax.errors import ConfigError
+from ddpm_jax.evaluation import bpd as bpd_eval
+from ddpm_jax.evaluation import fid as fid_eval
+from ddpm_jax.evaluation import results
+from ddpm_jax.evaluation import samples as samples_eval
+from ddpm_jax.evaluation import watch as watch_eval
 from ddpm_jax.metrics import fid as fid_lib
 
 REFERENCE_FRECHET_DISTANCE = fid_lib.frechet_distance  # before any test replaces it
@@ -78,7 +83,7 @@ def trained(root):
   from ddpm_jax import train  # pylint: disable=g-import-not-at-top
 
   workdir = root / "trained"
-  train.train_and_evaluate(tiny_config(), str(workdir))
+  train.train(tiny_config(), str(workdir))
   return workdir
 
 
@@ -137,9 +142,9 @@ def test_bpd_matches_calc_bpd_loop_and_resumes_with_the_same_numbers(trained, ro
   the rest and equals both an uninterrupted run and calc_bpd_loop applied image by image to the EMA
   params."""
   config = eval_config(root)
-  plain = evaluate.evaluate_bpd(config, str(copy_of(trained, root / "bpd_plain")))
+  plain = bpd_eval.evaluate(config, str(copy_of(trained, root / "bpd_plain")))
   workdir = copy_of(trained, root / "bpd_resume")
-  real_part, calls = evaluate._bpd_part, []
+  real_part, calls = bpd_eval._part, []
 
   def interrupted_after_one_batch(*args, **kwargs):
     if calls:
@@ -147,9 +152,9 @@ def test_bpd_matches_calc_bpd_loop_and_resumes_with_the_same_numbers(trained, ro
     calls.append(kwargs["start"])
     return real_part(*args, **kwargs)
 
-  monkeypatch.setattr(evaluate, "_bpd_part", interrupted_after_one_batch)
+  monkeypatch.setattr(bpd_eval, "_part", interrupted_after_one_batch)
   with pytest.raises(KeyboardInterrupt):
-    evaluate.evaluate_bpd(config, str(workdir))
+    bpd_eval.evaluate(config, str(workdir))
   parts = workdir / "eval" / "bpd_4_train_seed0_parts"
   first = parts / "examples_0000000_0000004.npz"
   assert sorted(os.listdir(parts)) == ["examples_0000000_0000004.npz", "settings.json"]
@@ -157,9 +162,9 @@ def test_bpd_matches_calc_bpd_loop_and_resumes_with_the_same_numbers(trained, ro
 
   calls.clear()
   monkeypatch.setattr(
-    evaluate, "_bpd_part", lambda *a, **k: calls.append(k["start"]) or real_part(*a, **k)
+    bpd_eval, "_part", lambda *a, **k: calls.append(k["start"]) or real_part(*a, **k)
   )
-  resumed = evaluate.evaluate_bpd(config, str(workdir))
+  resumed = bpd_eval.evaluate(config, str(workdir))
   assert calls == [4, 8]
   assert (first.read_bytes(), os.stat(first).st_mtime_ns) == kept
   a, b = load_json(plain), load_json(resumed)
@@ -174,9 +179,10 @@ def test_bpd_matches_calc_bpd_loop_and_resumes_with_the_same_numbers(trained, ro
     assert a[key] == b[key], key
 
   # Independently: calc_bpd_loop on each image with its own key, on the restored EMA parameters.
-  d, model, tx, _ = state_lib.build(config)
-  params, _ = evaluate.restore_ema_params(
-    config, str(workdir), model=model, tx=tx, mesh=parallel.make_mesh()
+  built = state_lib.build(config)
+  d, model = built.diffusion, built.model
+  params, _ = checkpoint.restore_ema_params(
+    config, str(workdir), built=built, mesh=parallel.make_mesh()
   )
   x = images.to_model_input(
     next(data.eval_batches(config.data, split="train", batch_size=10, num_examples=10))
@@ -226,7 +232,7 @@ def fast_fid():
 def fid_run(trained, root, inception_weights, fast_fid):
   """One uninterrupted --mode=fid (in process): (workdir, result path)."""
   workdir = copy_of(trained, root / "fid_plain")
-  return workdir, evaluate.evaluate_fid(eval_config(root, inception_weights), str(workdir))
+  return workdir, fid_eval.evaluate(eval_config(root, inception_weights), str(workdir))
 
 
 def chunk_paths(workdir):
@@ -271,13 +277,11 @@ def test_fid_writes_fid_vs_both_splits_is_and_the_sample_record(fid_run, root, i
   config = eval_config(root, inception_weights)
   built = state_lib.build(config)
   mesh = parallel.make_mesh()
-  params, _ = evaluate.restore_ema_params(
-    config, str(workdir), model=built.model, tx=built.tx, mesh=mesh
-  )
+  params, _ = checkpoint.restore_ema_params(config, str(workdir), built=built, mesh=mesh)
   alone = sampling.generate(
-    evaluate._make_eval_sampler(config, built, mesh),
+    sampling.from_config(config, built, mesh),
     params,
-    key=evaluate._sample_key(config),
+    key=samples_eval.sample_key(config),
     num_samples=12,
     batch_size=2,
     mesh=mesh,
@@ -341,7 +345,7 @@ def test_fid_killed_after_its_first_chunk_keeps_it_and_ends_as_an_uninterrupted_
   )  # a write the kill cut short
   kept = (first.read_bytes(), os.stat(first).st_mtime_ns, os.stat(first).st_ino)
 
-  resumed = load_json(evaluate.evaluate_fid(config, str(workdir)))
+  resumed = load_json(fid_eval.evaluate(config, str(workdir)))
   assert (first.read_bytes(), os.stat(first).st_mtime_ns, os.stat(first).st_ino) == kept
   _, plain_chunks = chunk_paths(fid_run[0])
   _, chunks = chunk_paths(workdir)
@@ -356,7 +360,13 @@ def test_cached_reference_statistics_of_another_convention_are_refused(tmp_path,
   """A stats file at the cache path whose recorded convention differs (here: pytorch-fid's resize)
   is an error naming the key, never used silently."""
   config = eval_config(tmp_path, inception_weights)
-  evaluator = evaluate.Evaluator(config, str(tmp_path / "w"))
+  evaluator = fid_eval.FidEvaluator(
+    config,
+    str(tmp_path / "w"),
+    built=state_lib.build(config),
+    mesh=parallel.make_mesh(),
+    scalars=results.Scalars(str(tmp_path / "w")),
+  )
   params, _ = evaluator._load_inception()
   meta = {
     "dataset": "digits",
@@ -407,13 +417,13 @@ def test_watcher_evaluates_each_checkpoint_once_and_survives_one_deleted_mid_rea
       os.rename(ckpts / "tmp6", ckpts / "6")
 
   monkeypatch.setattr(checkpoint, "restore", restore)
-  done = evaluate.watch(config, str(workdir), sleep=sleep, clock=lambda: now[0])
+  done = watch_eval.watch(config, str(workdir), sleep=sleep, clock=lambda: now[0])
   assert restored == [2, 4, 6]
   assert set(done) == {"4", "6"} and load_json(workdir / "eval" / "done.json") == done
   assert done["6"]["bpd"] == "bpd_6_train.json" and (workdir / "eval" / "bpd_6_train.json").exists()
 
   restored.clear()
-  assert evaluate.watch(config, str(workdir), sleep=sleep, clock=lambda: now[0]) == done
+  assert watch_eval.watch(config, str(workdir), sleep=sleep, clock=lambda: now[0]) == done
   assert not restored
 
 
@@ -426,7 +436,7 @@ def test_watcher_stops_after_the_timeout_without_new_checkpoints(tmp_path, root)
     sleeps.append(seconds)
     now[0] += seconds
 
-  assert evaluate.watch(config, str(tmp_path), sleep=sleep, clock=lambda: now[0]) == {}
+  assert watch_eval.watch(config, str(tmp_path), sleep=sleep, clock=lambda: now[0]) == {}
   assert sleeps == [2, 2, 2]
 
 
@@ -438,7 +448,7 @@ def test_watcher_stops_after_the_timeout_without_new_checkpoints(tmp_path, root)
   [
     ("fid", {}, "inception_weights"),
     ("fid", {"evaluation__inception_weights": "/nonexistent/w.npz"}, "does not exist"),
-    ("fid", {"evaluation__num_fid_samples": 0}, "num_fid_samples must be >= 2"),
+    ("fid", {"evaluation__num_fid_samples": 0}, "num_fid_samples = 0 must be an integer >= 2"),
     ("fid", {"evaluation__fid_reference_splits": ("validation",)}, "'validation'"),
     ("fid", {"evaluation__fid_resize": "bicubic"}, "fid_resize"),
     ("bpd", {"evaluation__split": "validation"}, "'validation'"),
@@ -458,28 +468,28 @@ def test_bad_settings_fail_before_any_work(tmp_path, root, mode, overrides, mess
 
 
 def test_results_with_other_settings_are_never_overwritten(tmp_path):
-  evaluate._write_json(str(tmp_path / "bpd_4_train.json"), {"settings": {"num_examples": 10}})
-  assert evaluate._result_path(str(tmp_path), "bpd_4_train", {"num_examples": 10}).endswith(
+  storage.write_json(str(tmp_path / "bpd_4_train.json"), {"settings": {"num_examples": 10}})
+  assert results.result_path(str(tmp_path), "bpd_4_train", {"num_examples": 10}).endswith(
     "bpd_4_train.json"
   )
-  assert evaluate._result_path(str(tmp_path), "bpd_4_train", {"num_examples": 20}).endswith(
+  assert results.result_path(str(tmp_path), "bpd_4_train", {"num_examples": 20}).endswith(
     "bpd_4_train_1.json"
   )
 
 
 def test_parts_computed_with_other_settings_are_refused(tmp_path):
-  evaluate._check_parts_dir(str(tmp_path / "p"), {"seed": 0}, what="samples")
-  evaluate._check_parts_dir(str(tmp_path / "p"), {"seed": 0}, what="samples")
+  results.check_parts_dir(str(tmp_path / "p"), {"seed": 0}, what="samples")
+  results.check_parts_dir(str(tmp_path / "p"), {"seed": 0}, what="samples")
   with pytest.raises(ConfigError, match="seed: 0 there, 1 now"):
-    evaluate._check_parts_dir(str(tmp_path / "p"), {"seed": 1}, what="samples")
+    results.check_parts_dir(str(tmp_path / "p"), {"seed": 1}, what="samples")
 
 
 def test_result_files_record_the_sampler_and_name_their_folders_by_it():
   config = tiny_config()  # T = 10
-  assert evaluate._sampler_record(config) == {"method": "ancestral", "num_steps": 10}
+  assert sampling.record(config) == {"method": "ancestral", "num_steps": 10}
   config.sampling.method, config.sampling.num_steps, config.sampling.eta = "ddim", 5, 0.0
-  record = evaluate._sampler_record(config)
+  record = sampling.record(config)
   assert record == {"method": "ddim", "num_steps": 5, "spacing": "uniform", "eta": 0.0}
-  assert evaluate._sampler_tag(record) == "ddim5_eta0.0_spacinguniform"
+  assert sampling.tag(record) == "ddim5_eta0.0_spacinguniform"
   config.sampling.method = "ancestral"
-  assert evaluate._sampler_tag(evaluate._sampler_record(config)) == "ancestral5_spacinguniform"
+  assert sampling.tag(sampling.record(config)) == "ancestral5_spacinguniform"

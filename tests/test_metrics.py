@@ -8,7 +8,7 @@
   (pool3). Its weights, converted to this project's .npz, must give its own pool3 on photographs and
   upscaled digits.
 - FID and IS against float64 NumPy/SciPy written here and torch-fidelity's own metric functions;
-  streamed statistics, stats files and the `python -m ddpm_jax.fid` command line.
+  streamed statistics, stats files and the `python -m ddpm_jax.metrics` command line.
 
 torch-fidelity's package `__init__` imports torchvision, which does not import beside this CPU
 torch. `torch_fidelity_modules` therefore puts an empty package module named `torch_fidelity` (with
@@ -446,7 +446,7 @@ def test_stats_files_round_trip_and_refuse_other_conventions(tmp_path):
 
 def run_fid_cli(*args):
   return subprocess.run(
-    [sys.executable, "-m", "ddpm_jax.fid", "--progress=false", *map(str, args)],
+    [sys.executable, "-m", "ddpm_jax.metrics", "--progress=false", *map(str, args)],
     cwd=REPO,
     capture_output=True,
     text=True,

@@ -379,7 +379,7 @@ def test_prefetched_batches_are_the_batches_and_rewind_restores_the_position():
   batches.prefetch(2)
   got.append(batches.take(2))  # steps 3 and 4 in one dispatch
   batches.prefetch(2)  # read ahead: steps 5 and 6 ...
-  batches.rewind()  # ... given back: the iterator stands after step 4, as a checkpoint needs
+  batches.rewind()  # ... given back: the iterator stands after step 4
   reference = fresh()
   for _ in range(4):
     next(reference)

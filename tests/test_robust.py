@@ -21,7 +21,6 @@ from conftest import config_flags
 from conftest import run_cli
 from conftest import tiny_config
 from ddpm_jax import checkpoint
-from ddpm_jax import data
 from ddpm_jax import parallel
 from ddpm_jax import state as state_lib
 from ddpm_jax import validation
@@ -29,10 +28,11 @@ from ddpm_jax.errors import ConfigError
 
 CONFIG = tiny_config(training__num_steps=6, training__num_grid_samples=0)
 FLAGS = config_flags(CONFIG, "data", "model", "diffusion", "training", "sampling")
-# Lines a clean run may print: our own log lines (train.py, checkpoint.py, evaluate.py), a progress
+# Lines a clean run may print: our own log lines (train.py, checkpoint.py, samples.py), a progress
 # bar, and the one-sentence message of a failure.
 OUR_LINE = re.compile(
-  r"^([IW]\d{4} [\d:.]+ +\d+ (main|train|checkpoint|evaluate)\.py:\d+\] |ddpm_jax: |sampling: )"
+  r"^([IW]\d{4} [\d:.]+ +\d+ (main|train|checkpoint|samples|bpd|fid|watch)\.py:\d+\] "
+  r"|ddpm_jax: |sampling: )"
 )
 
 
@@ -454,17 +454,12 @@ def write_nan_checkpoint(workdir, *, from_step, step):
   abstract = state_lib.abstract_state(
     built.model, built.tx, shape=state_lib.image_shape(CONFIG), mesh=parallel.make_mesh()
   )
-  iterator = data.train_iterator(
-    CONFIG.data, global_batch_size=CONFIG.training.batch_size, seed=CONFIG.seed
-  )
   manager = checkpoint.make_manager(str(workdir), keep=10)
-  state = checkpoint.restore(
-    manager, abstract_state=abstract, data_iterator=iterator, step=from_step
-  )
+  state = checkpoint.restore(manager, abstract_state=abstract, step=from_step)
   nan = state._replace(
     step=jnp.full_like(state.step, step), params=jax.tree.map(lambda p: p * jnp.nan, state.params)
   )
-  checkpoint.save(manager, state=nan, data_iterator=iterator, config=CONFIG)
+  checkpoint.save(manager, state=nan, config=CONFIG)
   manager.close()
 
 

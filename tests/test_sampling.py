@@ -1,5 +1,6 @@
 """Respaced and DDIM sampling, the interpolation mode, and their user errors (REFERENCE.md §6)."""
 
+import json
 import os
 
 import jax
@@ -13,14 +14,15 @@ from conftest import config_flags
 from conftest import run_cli
 from conftest import tiny_config
 from ddpm_jax import diffusion as dm
-from ddpm_jax import evaluate
 from ddpm_jax import images
 from ddpm_jax import interpolate
 from ddpm_jax import parallel
 from ddpm_jax import respace
 from ddpm_jax import sampling
 from ddpm_jax import state as state_lib
+from ddpm_jax import validation
 from ddpm_jax.errors import ConfigError
+from ddpm_jax.evaluation import samples as samples_eval
 
 # ----------------------------------------------------------------------------- which steps are kept
 
@@ -486,7 +488,7 @@ def test_interpolation_config_errors(key, value, message):
   config = tiny_config(interpolation__timesteps=(5, 10))
   config.interpolation[key] = value
   with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
-    interpolate.check_config(config.interpolation, 10)
+    validation.validate(config, mode="interpolate")
 
 
 def test_more_pairs_than_the_split_holds_is_an_error():
@@ -519,7 +521,7 @@ def test_cli_samples_with_ddim_in_5_steps(trained_tiny):
     "--config.sampling.num_steps=5",
   )
   assert result.returncode == 0, result.stderr[-3000:]
-  out = trained_tiny / "samples" / "ckpt_4_n6_seed0"
+  out = trained_tiny / "samples" / "ckpt_4_n6_seed0_ddim5_eta0.0_spacinguniform"
   arr = np.load(out / "samples.npz")["arr_0"]
   assert arr.shape == (6, 8, 8, 1) and arr.dtype == np.uint8
   # Kept: round(0, 2.25, 4.5, 6.75, 9) = 0 2 4 7 9; records after the steps passing a multiple of 3,
@@ -528,12 +530,15 @@ def test_cli_samples_with_ddim_in_5_steps(trained_tiny):
   # A bad value stops the mode before anything is written.
   config = tiny_config(sampling__num_steps=11)
   with pytest.raises(ConfigError, match="config.sampling.num_steps = 11"):
-    evaluate.dump_samples(config, str(trained_tiny))
-  assert sorted(os.listdir(trained_tiny / "samples")) == ["ckpt_4_n6_seed0", "step_4.png"]
+    samples_eval.dump_samples(config, str(trained_tiny))
+  assert sorted(os.listdir(trained_tiny / "samples")) == [out.name, "step_4.png"]
+  assert json.loads((out / "sampler.json").read_text()) == dict(
+    method="ddim", num_steps=5, spacing="uniform", eta=0.0, step=4, num_samples=6, seed=0
+  )
 
 
 def test_cli_interpolate_writes_the_pictures_and_arrays_beside_earlier_ones(trained_tiny):
-  earlier = trained_tiny / "interpolations" / "ckpt_4_seed0"
+  earlier = trained_tiny / "interpolations" / "ckpt_4_seed0_ancestral10"
   earlier.mkdir(parents=True)
   (earlier / "interpolations.npz").write_bytes(b"earlier result")
   result = run_cli(
@@ -547,7 +552,7 @@ def test_cli_interpolate_writes_the_pictures_and_arrays_beside_earlier_ones(trai
   )
   assert result.returncode == 0, result.stderr[-3000:]
   assert (earlier / "interpolations.npz").read_bytes() == b"earlier result"
-  out = trained_tiny / "interpolations" / "ckpt_4_seed0_1"
+  out = trained_tiny / "interpolations" / "ckpt_4_seed0_ancestral10_1"
   arrays = np.load(out / "interpolations.npz")
   assert arrays["images"].shape == (2, 2, 3, 8, 8, 1)
   np.testing.assert_array_equal(arrays["timesteps"], [5, 10])
@@ -556,4 +561,4 @@ def test_cli_interpolate_writes_the_pictures_and_arrays_beside_earlier_ones(trai
   config = tiny_config(interpolation__timesteps=(0, 5))
   with pytest.raises(ConfigError, match="t = 0, outside"):
     interpolate.run(config, str(trained_tiny))
-  assert sorted(os.listdir(trained_tiny / "interpolations")) == ["ckpt_4_seed0", "ckpt_4_seed0_1"]
+  assert sorted(os.listdir(trained_tiny / "interpolations")) == [earlier.name, out.name]

@@ -65,7 +65,7 @@ def test_per_example_randomness_does_not_depend_on_the_split():
 
 
 def _train(config, workdir):
-  return train.train_and_evaluate(config, str(workdir))
+  return train.train(config, str(workdir))
 
 
 def test_stop_and_resume_equals_uninterrupted_bitwise(tmp_path):

@@ -33,7 +33,7 @@ def main(workdir, out, process_id=None, num_processes=None, port=None):
   from ddpm_jax import train  # pylint: disable=g-import-not-at-top
 
   parallel.maybe_initialize_distributed(config.distributed)
-  state = train.train_and_evaluate(config, workdir)
+  state = train.train(config, workdir)
   flat = {
     jax.tree_util.keystr(p): parallel.to_host(v)
     for p, v in jax.tree_util.tree_leaves_with_path((state.params, state.ema_params))

@@ -113,10 +113,13 @@ def get_config():
   evaluation.inception_weights = ""
   # tf: the TF graph's bilinear resize (the paper's FIDs); pytorch: pytorch-fid's
   evaluation.fid_resize = "tf"
-  evaluation.fid_reference_splits = (
-    "train",
-    "test",
-  )  # FID vs each (paper: 3.17 vs train, 5.24 vs test)
+  # what the Inception network sees of the samples: "uint8", rounded as image files hold them (what
+  # pytorch-fid and torch-fidelity see from files), or "float", unrounded (the paper's TF code)
+  evaluation.fid_input = "uint8"
+  # Inception Score splits: 10 is torch-fidelity's convention; 1 the paper's (TF-GAN, all at once)
+  evaluation.is_splits = 10
+  # FID vs each (paper: 3.17 vs train, 5.24 vs test)
+  evaluation.fid_reference_splits = ("train", "test")
   # first N images of each reference split; 0: the whole split (paper)
   evaluation.num_fid_reference = 0
   evaluation.stats_dir = ""  # cache of reference statistics; "": fid_stats/ beside WORKDIR

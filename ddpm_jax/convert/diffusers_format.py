@@ -7,14 +7,17 @@ holds them under `unet/`, with the scheduler's config under `scheduler/`. Nothin
 network.
 """
 
+import io
 import json
-import os
 import re
 from typing import NamedTuple
 
 import numpy as np
 from flax import traverse_util
+from safetensors import SafetensorError
+from safetensors import numpy as safetensors_numpy
 
+from ddpm_jax import storage
 from ddpm_jax.convert import params as params_lib
 from ddpm_jax.errors import CheckpointError
 from ddpm_jax.errors import ConfigError
@@ -49,6 +52,29 @@ _TOP_LEVEL_NAMES = {
 _LEGACY_ATTN_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 _LEVEL_MODULE = re.compile(r"(down|up)_(\d+)_(block|attn|downsample|upsample)(?:_(\d+))?$")
 # UNet2DModel settings that the weights do not show, and the values the official U-Net needs.
+# What diffusers' UNet2DModel takes for a key its config.json leaves out (diffusers 0.42; checked
+# against the installed diffusers by the tests). Where these differ from the official U-Net's
+# settings, a config without the key describes another model.
+DIFFUSERS_DEFAULTS = {
+  "act_fn": "silu",
+  "flip_sin_to_cos": True,
+  "freq_shift": 0,
+  "time_embedding_type": "positional",
+  "center_input_sample": False,
+  "norm_num_groups": 32,
+  "norm_eps": 1e-5,
+  "resnet_time_scale_shift": "default",
+  "mid_block_scale_factor": 1,
+  "downsample_padding": 1,
+  "downsample_type": "conv",
+  "upsample_type": "conv",
+  "add_attention": True,
+  "class_embed_type": None,
+  "num_class_embeds": None,
+  "attn_norm_num_groups": None,
+  "mid_block_type": "UNetMidBlock2D",
+  "attention_head_dim": 8,
+}
 _FIXED_UNET_SETTINGS = {
   "act_fn": "silu",
   "flip_sin_to_cos": False,
@@ -228,11 +254,11 @@ def check_unet_config(unet_config: dict, *, path: str) -> None:
   diffs = [
     f"{key}={unet_config[key]!r} (the official U-Net has {value!r})"
     for key, value in _FIXED_UNET_SETTINGS.items()
-    if key in unet_config and unet_config[key] != value
+    if unet_config.get(key, DIFFUSERS_DEFAULTS.get(key, value)) != value
   ]
   # diffusers splits attention into channels // attention_head_dim heads (null: one head, as here).
   head_dim, widths = (
-    unet_config.get("attention_head_dim"),
+    unet_config.get("attention_head_dim", DIFFUSERS_DEFAULTS["attention_head_dim"]),
     list(unet_config.get("block_out_channels", ())),
   )
   attended = [
@@ -273,16 +299,15 @@ class ModelDir(NamedTuple):
 def unet_dir(path: str) -> str | None:
   """The folder holding the UNet2DModel's config.json: `path` itself, or `path/unet` in a pipeline
   snapshot."""
-  for candidate in (os.path.join(path, "unet"), path):
-    if os.path.isfile(os.path.join(candidate, CONFIG_NAME)):
+  for candidate in (storage.join(path, "unet"), path):
+    if storage.is_file(storage.join(candidate, CONFIG_NAME)):
       return candidate
   return None
 
 
 def _read_json(path: str) -> dict:
   try:
-    with open(path) as f:
-      value = json.load(f)
+    value = storage.read_json(path)
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
     raise CheckpointError(f"Cannot read {path}: {e}.") from e
   if not isinstance(value, dict):
@@ -292,31 +317,29 @@ def _read_json(path: str) -> dict:
 
 def _read_weights(folder: str) -> tuple[dict, str]:
   """The state dict in `folder` (safetensors preferred) and the file it came from."""
-  path = os.path.join(folder, WEIGHTS_NAME)
-  if os.path.isfile(path):
-    from safetensors import SafetensorError  # pylint: disable=g-import-not-at-top
-    from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
-
+  path = storage.join(folder, WEIGHTS_NAME)
+  if storage.is_file(path):
     try:
-      return safetensors_numpy.load_file(path), path
+      return safetensors_numpy.load(storage.read_bytes(path)), path
     except (SafetensorError, OSError) as e:
       raise CheckpointError(
         f"Cannot read {path} (truncated or not a safetensors file?): {e}."
       ) from e
-  path = os.path.join(folder, TORCH_WEIGHTS_NAME)
-  if not os.path.isfile(path):
+  path = storage.join(folder, TORCH_WEIGHTS_NAME)
+  if not storage.is_file(path):
     raise CheckpointError(
       f"{folder} has a {CONFIG_NAME} but neither {WEIGHTS_NAME} nor {TORCH_WEIGHTS_NAME}."
     )
   try:
-    import torch  # pylint: disable=g-import-not-at-top
+    import torch  # pylint: disable=g-import-not-at-top  (optional: only .bin weights need it)
   except ImportError as e:
     raise ConfigError(
       f"{path} is a PyTorch pickle, which needs PyTorch to read: install torch, or use "
       f"the model's {WEIGHTS_NAME}."
     ) from e
   try:
-    return torch.load(path, map_location="cpu", weights_only=True), path
+    with storage.open_read(path) as f:
+      return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True), path
   except (
     Exception
   ) as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for a damaged file
@@ -327,11 +350,11 @@ def _read_weights(folder: str) -> tuple[dict, str]:
 
 def _scheduler_file(path: str, folder: str) -> str | None:
   for candidate in (
-    os.path.join(folder, SCHEDULER_NAME),
-    os.path.join(path, SCHEDULER_NAME),
-    os.path.join(path, "scheduler", SCHEDULER_NAME),
+    storage.join(folder, SCHEDULER_NAME),
+    storage.join(path, SCHEDULER_NAME),
+    storage.join(path, "scheduler", SCHEDULER_NAME),
   ):
-    if os.path.isfile(candidate):
+    if storage.is_file(candidate):
       return candidate
   return None
 
@@ -344,7 +367,7 @@ def read_model_dir(path: str) -> ModelDir:
     raise CheckpointError(
       f"{path} has no {CONFIG_NAME} (nor unet/{CONFIG_NAME}); it is not a diffusers model."
     )
-  config_path = os.path.join(folder, CONFIG_NAME)
+  config_path = storage.join(folder, CONFIG_NAME)
   unet_config = _read_json(config_path)
   check_unet_config(unet_config, path=config_path)
   state_dict, weights_path = _read_weights(folder)
@@ -364,11 +387,8 @@ def write_model_dir(
 ) -> None:
   """Writes a flat model directory (the Hub's layout) that UNet2DModel and DDPMPipeline both
   load."""
-  from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
-
-  os.makedirs(out)
-  safetensors_numpy.save_file(
-    state_dict, os.path.join(out, WEIGHTS_NAME), metadata={"format": "pt"}
+  storage.write_bytes(
+    storage.join(out, WEIGHTS_NAME), safetensors_numpy.save(state_dict, metadata={"format": "pt"})
   )
   files = {
     CONFIG_NAME: {"_class_name": "UNet2DModel", **unet_config},
@@ -381,6 +401,6 @@ def write_model_dir(
     },
   }
   for name, content in files.items():
-    with open(os.path.join(out, name), "w") as f:
-      json.dump(content, f, indent=2, sort_keys=True)
-      f.write("\n")
+    storage.write_text(
+      storage.join(out, name), json.dumps(content, indent=2, sort_keys=True) + "\n"
+    )

@@ -7,9 +7,7 @@ Nothing is written until every check has passed, and existing checkpoints or fol
 only when asked to.
 """
 
-import os
-import shutil
-import tempfile
+import uuid
 from typing import NamedTuple
 
 import jax
@@ -19,6 +17,7 @@ from absl import logging
 from ddpm_jax import checkpoint
 from ddpm_jax import parallel
 from ddpm_jax import state as state_lib
+from ddpm_jax import storage
 from ddpm_jax.convert import diffusers_format
 from ddpm_jax.convert import params as params_lib
 from ddpm_jax.convert import scheduler as scheduler_lib
@@ -42,12 +41,12 @@ class Imported(NamedTuple):
 def detect_format(src: str) -> tuple[str, str]:
   """('diffusers', model folder) or ('tf', checkpoint prefix) for a path; CheckpointError for
   anything else."""
-  if os.path.isdir(src) and diffusers_format.unet_dir(src):
+  if storage.is_dir(src) and diffusers_format.unet_dir(src):
     return DIFFUSERS, src
   prefix = tf_format.checkpoint_prefix(src)
   if prefix is not None:
     return TF, prefix
-  if not os.path.exists(src):
+  if not storage.exists(src):
     raise CheckpointError(f"{src} does not exist.")
   raise CheckpointError(
     f"{src} is neither a diffusers model directory ({diffusers_format.CONFIG_NAME} + "
@@ -57,8 +56,7 @@ def detect_format(src: str) -> tuple[str, str]:
 
 
 def has_checkpoints(workdir: str) -> bool:
-  path = checkpoint.checkpoint_dir(workdir)
-  return os.path.isdir(path) and bool(os.listdir(path))
+  return bool(storage.list_names(checkpoint.checkpoint_dir(workdir)))
 
 
 def _read_source(src: str, *, config, raw: bool):
@@ -81,22 +79,22 @@ def _read_source(src: str, *, config, raw: bool):
 
 def _write_checkpoint(workdir: str, *, state, config) -> str:
   """Writes `state` as the only checkpoint of `workdir` (replacing any), then config.json; returns
-  its folder."""
-  os.makedirs(workdir, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix=".import-", dir=workdir)
+  its folder. The checkpoint is written beside the target first, so a failed import leaves the
+  workdir as it was."""
+  staging = storage.join(workdir, f".import-{uuid.uuid4().hex[:8]}")
   try:
     manager = checkpoint.make_manager(staging, keep=1)
-    checkpoint.save(manager, state=state, data_iterator=None, config=config, force=True)
+    checkpoint.save(manager, state=state, config=config, force=True)
     manager.wait_until_finished()
     manager.close()
     target = checkpoint.checkpoint_dir(workdir)
-    if os.path.exists(target):  # only reached with overwrite=True, after every check passed
-      os.replace(target, os.path.join(staging, "replaced"))
-    os.replace(checkpoint.checkpoint_dir(staging), target)
+    if storage.exists(target):  # only reached with overwrite=True, after every check passed
+      storage.move(target, storage.join(staging, "replaced"))
+    storage.move(checkpoint.checkpoint_dir(staging), target)
   finally:
-    shutil.rmtree(staging, ignore_errors=True)
+    storage.remove_tree(staging)
   checkpoint.write_config(workdir, config)
-  return os.path.join(target, str(int(state.step)))
+  return storage.join(target, str(int(state.step)))
 
 
 def import_checkpoint(
@@ -138,12 +136,12 @@ def import_checkpoint(
 
 
 def _check_new_folder(out: str, *, overwrite: bool) -> None:
-  if os.path.exists(out) and not overwrite and (not os.path.isdir(out) or os.listdir(out)):
+  if storage.is_file(out):
+    raise ConfigError(f"{out} is a file, not a folder.")
+  if storage.list_names(out) and not overwrite:
     raise ConfigError(
       f"{out} already exists; choose a new folder or pass --overwrite to replace it."
     )
-  if os.path.exists(out) and not os.path.isdir(out):
-    raise ConfigError(f"{out} is a file, not a folder.")
 
 
 def export_diffusers(
@@ -176,19 +174,19 @@ def export_diffusers(
   state = checkpoint.restore(manager, abstract_state=abstract, step=step)
   params = jax.device_get(state.params if raw else state.ema_params)
   state_dict = diffusers_format.unet_state_dict(params, num_levels=len(config.model.ch_mult))
-  parent = os.path.dirname(os.path.abspath(out))
-  os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix=".export-", dir=parent)
+  out = storage.resolve(out)
+  # Written beside `out` first: a failed export leaves what was there.
+  staging = storage.join(storage.parent(out), f".export-{uuid.uuid4().hex[:8]}")
   try:
     diffusers_format.write_model_dir(
-      os.path.join(staging, "model"),
+      storage.join(staging, "model"),
       state_dict=state_dict,
       unet_config=unet_config,
       scheduler_config=scheduler_config,
     )
-    if os.path.exists(out):  # empty, or overwrite=True
-      os.replace(out, os.path.join(staging, "replaced"))
-    os.replace(os.path.join(staging, "model"), out)
+    if storage.exists(out):  # empty, or overwrite=True
+      storage.move(out, storage.join(staging, "replaced"))
+    storage.move(storage.join(staging, "model"), out)
   finally:
-    shutil.rmtree(staging, ignore_errors=True)
+    storage.remove_tree(staging)
   return out, step

@@ -8,7 +8,6 @@ statistics whose conventions differ are never compared.
 """
 
 import json
-import os
 import warnings
 from typing import NamedTuple
 
@@ -19,8 +18,12 @@ import tqdm
 from absl import logging
 
 from ddpm_jax import errors
+from ddpm_jax import storage
 
 STATS_FORMAT = "ddpm_jax-fid-stats-v1"
+# Splits of the Inception Score by default: torch-fidelity's (and most tools'); the paper's TF code
+# scored all samples at once (1 split).
+IS_SPLITS = 10
 # Metadata that changes pool3 statistics: comparing across different values is meaningless.
 CONVENTION_KEYS = ("weights_hash", "resize")
 
@@ -113,40 +116,36 @@ def save_stats(path: str, stats: Stats | FeatureSums, *, meta: dict | None = Non
     raise errors.ConfigError(
       f"Statistics for {path!r} lack the convention keys {missing} in their metadata."
     )
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "wb") as f:
-    np.savez(
-      f,
-      format=np.array(STATS_FORMAT),
-      mu=stats.mu,
-      sigma=stats.sigma,
-      count=np.array(stats.count),
-      meta=np.array(json.dumps(stats.meta, sort_keys=True)),
-    )
-  return path
+  return storage.save_npz(
+    path,
+    format=np.array(STATS_FORMAT),
+    mu=stats.mu,
+    sigma=stats.sigma,
+    count=np.array(stats.count),
+    meta=np.array(json.dumps(stats.meta, sort_keys=True)),
+  )
 
 
 def is_stats_file(path: str) -> bool:
   """True for a .npz with `mu` and `sigma` (this project's stats, or TTUR / pytorch-fid ones)."""
   try:
-    with np.load(path, allow_pickle=False) as npz:
-      return "mu" in npz.files and "sigma" in npz.files
-  except (OSError, ValueError):
+    npz = storage.load_npz(path)
+  except (OSError, ValueError, EOFError):
     return False
+  return "mu" in npz and "sigma" in npz
 
 
 def load_stats(path: str) -> Stats:
   """Reads a stats .npz. Files of other tools (mu and sigma only) load with empty metadata, which
   `check_same_convention` refuses unless told to trust them."""
   try:
-    with np.load(path, allow_pickle=False) as npz:
-      files = set(npz.files)
-      if not {"mu", "sigma"} <= files:
-        raise errors.ConfigError(f"{path!r} is not a statistics file: it has no 'mu' and 'sigma'.")
-      mu, sigma = np.asarray(npz["mu"], np.float64), np.asarray(npz["sigma"], np.float64)
-      meta = json.loads(str(npz["meta"])) if "meta" in files else {}
-      count = int(npz["count"]) if "count" in files else int(meta.get("count", 0))
-  except (OSError, json.JSONDecodeError) as e:
+    npz = storage.load_npz(path)
+    if not {"mu", "sigma"} <= set(npz):
+      raise errors.ConfigError(f"{path!r} is not a statistics file: it has no 'mu' and 'sigma'.")
+    mu, sigma = np.asarray(npz["mu"], np.float64), np.asarray(npz["sigma"], np.float64)
+    meta = json.loads(str(npz["meta"])) if "meta" in npz else {}
+    count = int(npz["count"]) if "count" in npz else int(meta.get("count", 0))
+  except (OSError, EOFError, json.JSONDecodeError) as e:
     raise errors.ConfigError(f"{path!r} is not a readable statistics .npz ({e}).") from None
   if mu.ndim != 1 or sigma.shape != (mu.shape[0],) * 2:
     raise errors.ConfigError(

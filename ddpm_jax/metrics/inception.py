@@ -14,7 +14,6 @@ Inception Score uses in OpenAI's original code and torch-fidelity) and `logits` 
 
 import functools
 import hashlib
-import os
 from typing import NamedTuple
 
 import jax
@@ -27,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 from ddpm_jax import errors
 from ddpm_jax import parallel
+from ddpm_jax import storage
 from ddpm_jax.metrics import preprocess
 
 FORMAT = "ddpm_jax-fid-inception-2015-12-05-v1"
@@ -268,15 +268,14 @@ def hash_arrays(arrays: dict) -> str:
 
 
 def _read_npz(path: str) -> dict:
-  if not os.path.isfile(path):
+  if not storage.is_file(path):
     raise errors.ConfigError(
       f"Inception weights file {path!r} does not exist; convert one with "
       "`python -m ddpm_jax.metrics.convert_inception SRC OUT.npz` (see the README)."
     )
   try:
-    with np.load(path, allow_pickle=False) as npz:
-      arrays = {k: npz[k] for k in npz.files}
-  except (OSError, ValueError) as e:
+    arrays = storage.load_npz(path)
+  except (OSError, ValueError, EOFError) as e:
     raise errors.ConfigError(f"{path!r} is not a readable .npz weights file ({e}).") from None
   if str(arrays.pop("format", "")) != FORMAT:
     raise errors.ConfigError(
@@ -307,28 +306,29 @@ def weights_hash(path: str) -> str:
 def save_params(path: str, arrays: dict, *, source: str) -> str:
   """Writes flat float32 arrays (validated) as this project's weights .npz."""
   check_arrays(arrays, source=source)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "wb") as f:
-    np.savez(
-      f,
-      format=np.array(FORMAT),
-      source=np.array(source),
-      **{k: np.asarray(v, np.float32) for k, v in arrays.items()},
-    )
-  return path
+  return storage.save_npz(
+    path,
+    format=np.array(FORMAT),
+    source=np.array(source),
+    **{k: np.asarray(v, np.float32) for k, v in arrays.items()},
+  )
 
 
 # ---------------------------------------------------------------------------------------------
 # Features of many images, batch sharded over devices.
 
 
-def _as_nhwc_uint8(images) -> np.ndarray:
+def _as_nhwc(images) -> np.ndarray:
+  """uint8 images, or float32 ones in [0, 255] (unrounded samples), as [N, H, W, 1 or 3]."""
   images = np.asarray(images)
   if images.ndim == 3:
     images = images[..., None]
-  if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+  if (
+    images.dtype not in (np.uint8, np.float32) or images.ndim != 4 or images.shape[-1] not in (1, 3)
+  ):
     raise errors.ConfigError(
-      f"Inception input must be uint8 [N, H, W, 1 or 3] images, got {images.dtype} {images.shape}."
+      "Inception input must be uint8 (or float32 0..255) [N, H, W, 1 or 3] images, got "
+      f"{images.dtype} {images.shape}."
     )
   return images
 
@@ -370,12 +370,12 @@ def make_feature_fn(
     return blocks[:, :n].reshape((jax.process_count() * n,) + x.shape[1:])
 
   def features(images, *, progress: bool = False):
-    images = _as_nhwc_uint8(images)
+    images = _as_nhwc(images)
     pool3, logits, pending = [], [], None
     with tqdm.tqdm(total=len(images), unit="img", desc="Inception", disable=not progress) as bar:
       for start in range(0, len(images), local_batch):
         chunk = images[start : start + local_batch]
-        padded = np.zeros((local_batch,) + images.shape[1:], np.uint8)
+        padded = np.zeros((local_batch,) + images.shape[1:], images.dtype)
         padded[: len(chunk)] = chunk
         outputs = step(
           variables, parallel.global_batch(padded, mesh)

@@ -1,5 +1,5 @@
 """FID (and IS) between two sets of images:
-`python -m ddpm_jax.fid --inception_weights=W.npz A [B]`.
+`python -m ddpm_jax.metrics --inception_weights=W.npz A [B]`.
 
 Each input is a samples .npz (uint8 NHWC under `arr_0`, what `--mode=sample` writes), a folder of
 PNG/JPEG images (all the same size), or a statistics .npz (from `--save_stats`, or mu/sigma of
@@ -8,9 +8,7 @@ each image input when the weights have the classifier; `--json` writes the same.
 statistics and IS only. Bad input ends with one sentence on stderr and exit status 1.
 """
 
-import json
 import os
-import pathlib
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -21,7 +19,9 @@ from absl import app
 from absl import flags
 from PIL import Image
 
+from ddpm_jax import data
 from ddpm_jax import errors
+from ddpm_jax import storage
 from ddpm_jax.metrics import fid as fid_lib
 from ddpm_jax.metrics import inception
 from ddpm_jax.metrics import preprocess
@@ -61,7 +61,7 @@ def _folder_batches(paths):
   for start in range(0, len(paths), _CHUNK):
     chunk = []
     for path in paths[start : start + _CHUNK]:
-      with Image.open(path) as image:
+      with storage.open_read(path) as f, Image.open(f) as image:
         array = np.asarray(image if image.mode == "L" else image.convert("RGB"), np.uint8)
       array = array[..., None] if array.ndim == 2 else array
       first = first if first is not None else (path, array.shape)
@@ -76,20 +76,17 @@ def _folder_batches(paths):
 
 def read_input(path: str):
   """('stats', Stats) or ('images', batches, count, description) for one command-line input."""
-  if os.path.isdir(path):
-    paths = sorted(
-      p for p in pathlib.Path(path).rglob("*") if p.suffix.lower() in _SUFFIXES and p.is_file()
-    )
+  if storage.is_dir(path):
+    paths = data.image_paths_under(path)
     if not paths:
       raise errors.ConfigError(f"The folder {path!r} contains no .png/.jpg/.jpeg images.")
     return "images", _folder_batches(paths), len(paths), "image folder"
-  if not os.path.isfile(path):
+  if not storage.is_file(path):
     raise errors.ConfigError(f"Input {path!r} does not exist.")
   if fid_lib.is_stats_file(path):
     return "stats", fid_lib.load_stats(path)
   try:
-    with np.load(path, allow_pickle=False) as npz:
-      images = npz["arr_0"] if "arr_0" in npz.files else None
+    images = storage.load_npz(path).get("arr_0")
   except (OSError, EOFError, ValueError) as e:
     raise errors.ConfigError(
       f"Input {path!r} is neither a folder of images nor a readable .npz ({e})."
@@ -158,7 +155,7 @@ def compute(inputs: list[str]) -> dict:
     else:
       batches, count, description = rest
       meta = {
-        "dataset": os.path.abspath(path),
+        "dataset": storage.resolve(path),
         "split": description,
         "weights_hash": params.weights_hash,
         "resize": FLAGS.resize,
@@ -195,15 +192,14 @@ def main(argv):
   inputs = argv[1:]
   if len(inputs) not in (1, 2):
     raise app.UsageError(
-      "Give one or two inputs: python -m ddpm_jax.fid --inception_weights=W.npz A [B]"
+      "Give one or two inputs: python -m ddpm_jax.metrics --inception_weights=W.npz A [B]"
     )
   try:
     results = compute(inputs)
     if FLAGS.json:
-      with open(FLAGS.json, "w") as f:
-        json.dump(results, f, indent=2, sort_keys=True)
+      storage.write_json(FLAGS.json, results)
   except (ValueError, OSError) as e:
-    print(f"ddpm_jax.fid: {e}", file=sys.stderr)
+    print(f"ddpm_jax.metrics: {e}", file=sys.stderr)
     sys.exit(1)
   _report(results)
 
