@@ -102,7 +102,8 @@ def find_damage(directory: str) -> str | None:
 
 
 def _os_reason(error: BaseException) -> str | None:
-  """The operating system's reason behind an exception (e.g. 'No space left on device'), or None."""
+  """The storage failure behind an exception (e.g. 'No space left on device', 'permission denied
+  (...)'), or None when it is not one."""
   seen = set()
   while error is not None and id(error) not in seen:
     seen.add(id(error))
@@ -111,6 +112,9 @@ def _os_reason(error: BaseException) -> str | None:
     match = _OS_ERROR_CODE.search(str(error))
     if match:  # TensorStore reports file errors as ValueError('... [os_error_code=28]')
       return os.strerror(int(match.group(1)))
+    reason = storage.remote_reason(error)
+    if reason is not None:  # a bucket's answer (gcsfs's OSError, TensorStore's status codes)
+      return reason
     error = error.__cause__ or error.__context__
   return None
 

@@ -107,8 +107,8 @@ def _from_background(tb) -> bool:
 
 
 def quiet_background(verbose: bool) -> None:
-  """Imports TensorFlow (for TFDS and TensorBoard) with its start-up lines hidden unless verbose;
-  unless verbose, also drops orbax's and asyncio's log records and the exceptions that orbax's
+  """Imports TensorFlow (for TFDS) with its start-up lines hidden unless verbose; unless verbose,
+  also drops orbax's, asyncio's and gcsfs's log records and the exceptions that orbax's
   threads leave behind when a write fails (event loop closed, interpreter shutting down). Errors
   reach the user as the one sentence the main thread raises."""
   with native_stderr_hidden(not verbose):
@@ -120,6 +120,8 @@ def quiet_background(verbose: bool) -> None:
     return
   logging.get_absl_handler().addFilter(lambda record: not _is_background_noise(record))
   std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
+  # gcsfs logs each failed request with its traceback; the failure reaches the user as a sentence.
+  std_logging.getLogger("gcsfs").setLevel(std_logging.CRITICAL)
   unraisable_hook, thread_hook, except_hook = (
     sys.unraisablehook,
     threading.excepthook,

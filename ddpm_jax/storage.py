@@ -86,17 +86,38 @@ def check_reachable(p, *, what: str) -> None:
     )
 
 
+# How object stores answer: gcsfs's messages, TensorStore's status codes, aiohttp's errors.
+_REMOTE_REASONS = (
+  (("Forbidden", "PERMISSION_DENIED", "403"), "permission denied"),
+  (("Unauthorized", "UNAUTHENTICATED", "401"), "the credentials were refused"),
+  (
+    ("Cannot connect", "Connection refused", "Connect call failed", "UNAVAILABLE"),
+    "the storage service cannot be reached",
+  ),
+  (("DEADLINE_EXCEEDED", "Timeout"), "the storage service did not answer in time"),
+  (("NOT_FOUND", "No such bucket", "404"), "not found"),
+)
+
+
+def remote_reason(error: BaseException) -> str | None:
+  """A short reason for an object store's refusal or silence, from the exception's first line (None
+  when it is not one of those)."""
+  first = (str(error).strip().splitlines() or [""])[0][:300]
+  for markers, reason in _REMOTE_REASONS:
+    if any(marker in first for marker in markers):
+      return f"{reason} ({first})"
+  return None
+
+
 def _reason(error: BaseException) -> str:
   """A one-line reason for a storage failure, from the backend's exception."""
-  text = str(error).strip().splitlines()
-  first = text[0][:300] if text else type(error).__name__
+  remote = remote_reason(error)
+  if remote is not None:
+    return remote
   if isinstance(error, OSError) and error.strerror:
     return error.strerror
-  if "Forbidden" in first or "403" in first:
-    return f"permission denied ({first})"
-  if "Cannot connect" in first or "Connection refused" in first:
-    return f"the storage service cannot be reached ({first})"
-  return f"{type(error).__name__}: {first}"
+  text = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {text[0][:300] if text else ''}".rstrip(": ")
 
 
 @contextlib.contextmanager
@@ -110,7 +131,8 @@ def errors(what: str):
     raise FileNotFoundError(
       f"Could not {what}: no such file, folder or bucket ({_reason(e)})."
     ) from None
-  except Exception as e:  # pylint: disable=broad-except  (gcsfs/aiohttp/google-auth have their own types)
+  # gcsfs, aiohttp and google-auth raise their own types
+  except Exception as e:  # pylint: disable=broad-except
     if isinstance(e, (AssertionError, TypeError, NameError, AttributeError)):
       raise  # a bug, not storage
     raise OSError(f"Could not {what}: {_reason(e)}.") from None

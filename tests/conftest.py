@@ -1,5 +1,6 @@
 """Shared test set-up: CPU only, a persistent compilation cache, tiny configs, and a CLI runner."""
 
+import atexit
 import os
 import subprocess
 import sys
@@ -114,8 +115,10 @@ def gcs_server():
   import gcs_emulator  # pylint: disable=g-import-not-at-top (only the gs:// tests start it)
 
   server = gcs_emulator.start_for_session()
-  yield server
-  server.stop()
+  # Stopped at exit, after Python has joined its threads: readers that TFDS's data sources leave
+  # behind (array_record's GCS client) would otherwise retry against a stopped server for minutes.
+  atexit.register(server.stop)
+  return server
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ array_record (TFDS shards) at it without credentials.
 
 import hashlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -350,3 +351,201 @@ def test_convert_exports_from_and_imports_into_gs_workdirs(gs_run, bucket, gcs_s
   imported = restored(f"{bucket}/imported", 0)
   for params in (imported.params, imported.ema_params):
     assert_bitwise_equal(jax.tree.leaves(params), exported_ema)
+
+
+# ---------------------------------------------------------------------- TFDS data in a bucket
+
+
+def prepare_fake_cifar10(tmp_path, *, train: int, test: int) -> str:
+  """TFDS's own cifar10 builder, prepared as ArrayRecord from generated files in CIFAR's binary
+  format (label byte + 3072 pixel bytes per image) instead of the download: a real TFDS dataset
+  folder, offline. Returns its data_dir."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  source = tmp_path / "cifar_source" / "cifar-10-batches-bin"
+  source.mkdir(parents=True)
+  rng = np.random.default_rng(0)
+  (source / "batches.meta.txt").write_text("\n".join(f"class{i}" for i in range(10)) + "\n")
+  record = lambda: bytes([int(rng.integers(10))]) + rng.integers(0, 256, 3072, np.uint8).tobytes()
+  for name, count in [(f"data_batch_{i}.bin", train // 5) for i in range(1, 6)] + [
+    ("test_batch.bin", test)
+  ]:
+    (source / name).write_bytes(b"".join(record() for _ in range(count)))
+  data_dir = tmp_path / "tfds"
+  download = tfds.download.DownloadManager.download_and_extract
+  tfds.download.DownloadManager.download_and_extract = lambda self, url: str(source.parent)
+  try:
+    builder = tfds.builder("cifar10", data_dir=str(data_dir), file_format="array_record")
+    builder.download_and_prepare(file_format="array_record")
+  finally:
+    tfds.download.DownloadManager.download_and_extract = download
+  return str(data_dir)
+
+
+def test_tfds_reads_a_dataset_prepared_into_a_bucket(bucket, tmp_path):
+  from ddpm_jax import data  # pylint: disable=g-import-not-at-top
+
+  local = prepare_fake_cifar10(tmp_path, train=40, test=10)
+  for name in storage.files_under(local):  # as `gcloud storage cp -r` would upload it
+    storage.write_bytes(f"{bucket}/tfds/{name}", storage.read_bytes(os.path.join(local, name)))
+  config = tiny_config(data__dataset="cifar10", data__image_size=32, data__num_channels=3).data
+  in_bucket = data.load_images(dict_with(config, tfds_data_dir=f"{bucket}/tfds"), split="train")
+  on_disk = data.load_images(dict_with(config, tfds_data_dir=local), split="train")
+  assert len(in_bucket) == len(on_disk) == 40
+  every = lambda source: np.stack([source[i] for i in range(len(source))])
+  np.testing.assert_array_equal(every(in_bucket), every(on_disk))
+  batches = data.train_iterator(
+    dict_with(config, tfds_data_dir=f"{bucket}/tfds"), global_batch_size=8, seed=0
+  )
+  assert next(batches).shape == (8, 32, 32, 3)
+  batches.close()  # its reading threads would retry against the emulator after the session ends
+
+
+def dict_with(section, **values):
+  section = section.copy_and_resolve_references()
+  for key, value in values.items():
+    section[key] = value
+  return section
+
+
+# ----------------------------------------------------------------------------- storage failures
+
+
+def last_sentence(stderr: str) -> str:
+  lines = [line for line in stderr.splitlines() if line.startswith("ddpm_jax: ")]
+  assert lines, stderr[-3000:]
+  return lines[-1]
+
+
+def test_a_bucket_that_refuses_a_write_stops_training_with_one_sentence_and_keeps_the_rest(
+  bucket, gcs_server
+):
+  import gcs_emulator  # pylint: disable=g-import-not-at-top
+
+  workdir = f"{bucket}/run"
+  proxy = gcs_emulator.FaultProxy(gcs_server, forbid=["run/checkpoints/4/"])
+  try:
+    result = cli(workdir, env=gcs_server.env(proxy.url))
+  finally:
+    proxy.stop()
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  sentence = last_sentence(result.stderr)
+  assert re.search("Could not (start )?writ(e|ing) the checkpoint of step 4", sentence), sentence
+  assert "permission denied" in sentence
+  assert "the earlier checkpoints (step 2) were not touched" in sentence
+  assert checkpoint.checkpoint_steps(workdir) == [2]
+  assert checkpoint.find_damage(f"{workdir}/checkpoints/2") is None
+
+
+def test_a_missing_bucket_or_an_unreachable_service_is_one_sentence(gcs_server):
+  import gcs_emulator  # pylint: disable=g-import-not-at-top
+
+  result = cli("gs://no-such-bucket/run")
+  assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+  assert "the bucket gs://no-such-bucket does not exist" in last_sentence(result.stderr)
+  closed = f"http://127.0.0.1:{gcs_emulator.free_port()}"  # nothing listens there
+  result = cli("gs://any-bucket/run", env=gcs_server.env(closed))
+  assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+  assert "cannot be reached" in last_sentence(result.stderr)
+
+
+# ----------------------------------------------------------------------------- two processes
+
+
+def start_process(workdir, rank: int, port: int, *extra, env=None):
+  """Process `rank` of a 2-process job (2 CPU devices each) on one gs:// workdir, logging to a
+  file."""
+  log = open(f"/tmp/ddpm_jax_gcs_{port}_{rank}.log", "w")  # pylint: disable=consider-using-with
+  args = ["--config=configs/digits.py", f"--workdir={workdir}", *TINY, *extra]
+  args += [
+    "--config.distributed.initialize=on",
+    f"--config.distributed.coordinator_address=localhost:{port}",
+  ]
+  args += ["--config.distributed.num_processes=2", f"--config.distributed.process_id={rank}"]
+  args += ["--experimental_orbax_use_distributed_barrier"]
+  proc = subprocess.Popen(
+    [sys.executable, "-m", "ddpm_jax.main", *args],
+    cwd=REPO,
+    env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", **(env or {})),
+    stdout=subprocess.DEVNULL,
+    stderr=log,
+  )
+  proc.log_path = log.name
+  return proc
+
+
+def log_of(proc) -> str:
+  with open(proc.log_path) as f:
+    return f.read()
+
+
+def written(proxy, name: str) -> bool:
+  return any(name in seen for _, seen in proxy.writes)
+
+
+def test_two_processes_share_a_gs_workdir_stop_together_when_one_is_preempted_and_resume(
+  bucket, gcs_server, tmp_path
+):
+  """SIGTERM reaches one process only: both stop after the same step with one checkpoint (JAX's
+  preemption sync point), process 0 alone writes what one process should (each through its own
+  proxy, so the writes can be told apart), and the resumed job equals a 1-device run to float32
+  rounding (the gradient mean is reduced over 4 devices in another order)."""
+  import gcs_emulator  # pylint: disable=g-import-not-at-top
+
+  workdir = f"{bucket}/run"
+  proxies = [gcs_emulator.FaultProxy(gcs_server) for _ in range(2)]
+  port = gcs_emulator.free_port()
+  extra = ("--config.training.num_steps=100000", "--config.training.log_every=1")
+  procs = [
+    start_process(
+      workdir,
+      rank,
+      port,
+      *extra,
+      "--config.training.checkpoint_every=0",
+      env=gcs_server.env(proxies[rank].url),
+    )
+    for rank in range(2)
+  ]
+  try:
+    deadline = time.time() + 600
+    while "step 3/" not in log_of(procs[0]) and procs[0].poll() is None and time.time() < deadline:
+      time.sleep(0.5)
+    assert "step 3/" in log_of(procs[0]), log_of(procs[0])[-3000:]
+    procs[1].send_signal(signal.SIGTERM)
+    for proc in procs:
+      assert proc.wait(timeout=300) == 0, log_of(proc)[-3000:]
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+    for proxy in proxies:
+      proxy.stop()
+  stopped = [
+    line for line in log_of(procs[0]).splitlines() if "Stopped by preemption at step" in line
+  ]
+  assert len(stopped) == 1, log_of(procs[0])[-3000:]
+  step = int(stopped[0].split("at step ")[1].split(";")[0])
+  assert checkpoint.checkpoint_steps(workdir) == [step]
+  # What one process writes, process 0 wrote; both wrote their shares of the checkpoint.
+  for name in ("run/config.json", checkpoint.DIGEST_FILE, "events.out.tfevents"):
+    assert written(proxies[0], name) and not written(proxies[1], name), name
+  assert written(proxies[1], f"run/checkpoints/{step}/state/ocdbt.process_1")
+
+  final = step + 2
+  port = gcs_emulator.free_port()
+  procs = [
+    start_process(workdir, r, port, f"--config.training.num_steps={final}") for r in range(2)
+  ]
+  for proc in procs:
+    assert proc.wait(timeout=600) == 0, log_of(proc)[-3000:]
+  assert f"Resumed from the checkpoint of step {step}" in log_of(procs[0])
+  reference = tmp_path / "one_device"
+  result = cli(reference, f"--config.training.num_steps={final}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  # Adam turns reduction-order differences into ~1e-5 changes of weights whose gradients are near
+  # zero; a skipped, repeated or reordered batch moves weights by ~lr = 1e-3.
+  weights = lambda state: jax.tree.leaves((state.params, state.ema_params))
+  for a, b in zip(weights(restored(workdir, final)), weights(restored(reference, final))):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-4)

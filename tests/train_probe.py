@@ -1,8 +1,8 @@
 """Run by tests in a fresh process: trains a tiny config and saves its final params as .npz.
 
-usage: python tests/train_probe.py WORKDIR OUT.npz [PROCESS_ID NUM_PROCESSES PORT]
+usage: python tests/train_probe.py WORKDIR OUT.npz NUM_STEPS [PROCESS_ID NUM_PROCESSES PORT]
 The device count comes from XLA_FLAGS; with the last three arguments it joins a
-jax.distributed group on localhost.
+jax.distributed group on localhost. A WORKDIR with checkpoints is resumed.
 """
 
 import os
@@ -17,10 +17,10 @@ import jax  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 
-def main(workdir, out, process_id=None, num_processes=None, port=None):
+def main(workdir, out, num_steps, process_id=None, num_processes=None, port=None):
   config = conftest.tiny_config(
     model__dropout=0.1,
-    training__num_steps=3,
+    training__num_steps=int(num_steps),
     training__sample_every=0,
     training__num_grid_samples=0,
   )
