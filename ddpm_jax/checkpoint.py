@@ -23,6 +23,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 
 from ddpm_jax import state as state_lib
 from ddpm_jax import storage
@@ -334,8 +335,6 @@ def restore(
 
 def _sync_processes(name: str):
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-
     multihost_utils.sync_global_devices(name)
 
 

@@ -17,6 +17,7 @@ import numpy as np
 from absl import flags
 from absl import logging
 from PIL import Image
+from sklearn import datasets
 
 from ddpm_jax import console
 from ddpm_jax import storage
@@ -71,7 +72,6 @@ def _fit_array(array: np.ndarray, size: int) -> np.ndarray:
 @functools.lru_cache(maxsize=4)
 def _digits(image_size: int) -> np.ndarray:
   """scikit-learn's 1,797 8x8 digits (0..16) as uint8 0..255, bilinearly upscaled; read-only."""
-  from sklearn import datasets  # pylint: disable=g-import-not-at-top
 
   small = np.round(datasets.load_digits().images * (255.0 / 16.0)).astype(np.uint8)
   big = [

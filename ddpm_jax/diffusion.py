@@ -1,4 +1,4 @@
-"""The diffusion math of Ho et al. 2020 (REFERENCE.md §1) as pure functions.
+"""The diffusion math of Ho et al. 2020 (Sections 2-3, Algorithms 1-2) as pure functions.
 
 A `Diffusion` holds the precomputed schedule arrays (pytree leaves, float32) and the
 static choices (mean, variance and loss types). Every function takes it as its first

@@ -10,6 +10,7 @@ import os
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -37,8 +38,7 @@ def maybe_initialize_distributed(distributed_config) -> None:
   Must run before anything touches a JAX device.
   """
   mode = distributed_config.initialize
-  if mode not in ("auto", "on", "off"):
-    raise ConfigError(f"config.distributed.initialize must be 'auto', 'on' or 'off', got {mode!r}.")
+  assert mode in ("auto", "on", "off"), mode  # (validation.check_distributed)
   if mode == "off" or (mode == "auto" and not _in_cluster_environment()):
     return
   kwargs = {}
@@ -160,8 +160,6 @@ class DevicePrefetcher:
 def to_host(x) -> np.ndarray:
   """The full value of a (possibly multi-host) array as NumPy on every process."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(jax.device_get(x))
 

@@ -1,5 +1,4 @@
-"""Timestep respacing (Nichol & Dhariwal 2021): sample with a subset of the T steps
-(REFERENCE.md §6).
+"""Timestep respacing (Nichol & Dhariwal 2021, Section 4): sample with a subset of the T steps.
 
 Which steps are kept follows improved-diffusion's `space_timesteps` (sections with near-equal
 strides, or `ddimN`) or diffusers' DDIMScheduler "leading" spacing. The respaced `Diffusion` has

@@ -1,5 +1,5 @@
 """Samplers, each one jitted `lax.fori_loop` over its reverse steps: ancestral (Algorithm 2) over
-all T steps or a respaced subset of them, and DDIM (REFERENCE.md §6).
+all T steps or a respaced subset of them (Nichol & Dhariwal 2021), and DDIM (Song et al. 2021).
 
 The batch is sharded over the `data` mesh axis and the parameters are an argument of the
 compiled function (never closed over), so one compilation serves every checkpoint. Every

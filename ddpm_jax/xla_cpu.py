@@ -19,7 +19,12 @@ around `jax.distributed.initialize`); it is process-wide, so the library never d
 import ctypes
 import os
 import platform
+import warnings
 
+import jax
+
+# no public API tells whether the backends have started
+from jax._src import xla_bridge  # pylint: disable=g-bad-import-order
 from jaxlib import version as jaxlib_version
 
 OPTION = "xla_cpu_experimental_ynn_fusion_type"
@@ -55,8 +60,6 @@ def synchronous_dispatch() -> bool:
   False, changing nothing, when they have. Other backends and multi-device CPU computations are
   unaffected. The Python thread then waits for each CPU step: nothing is lost when a step takes
   seconds and the input pipeline's batches are ready (worker processes, or in memory)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top  (no public "backends started?")
 
   if xla_bridge.backends_are_initialized():
     return False
@@ -79,7 +82,6 @@ def retain_freed_memory_on_one_cpu() -> bool:
   """retain_freed_memory() when this process computes on one CPU device, the case synchronous
   dispatch moves onto the main thread; otherwise nothing. Starts JAX's backends. Returns whether
   applied."""
-  import jax  # pylint: disable=g-import-not-at-top
 
   return jax.default_backend() == "cpu" and jax.local_device_count() == 1 and retain_freed_memory()
 
@@ -90,8 +92,6 @@ def keep_host_memory() -> bool:
   `retain_freed_memory_on_one_cpu()`, as `ddpm_jax.main` does). Returns whether the memory is kept;
   False, changing nothing, when called after the backends started or on any other device."""
   if not synchronous_dispatch():
-    import warnings  # pylint: disable=g-import-not-at-top
-
     warnings.warn(
       "xla_cpu.keep_host_memory() was called after JAX's backends started; it changes nothing "
       "(call it before the first computation, e.g. in a fresh kernel).",

@@ -699,3 +699,30 @@ def test_the_hubs_first_scheduler_files_read_like_the_current_ones():
     settings["diffusion.num_timesteps"] == 1000 and settings["diffusion.var_type"] == "fixedlarge"
   )
   scheduler_lib.check_scheduler(legacy, cifar10.get_config(), path="legacy")
+
+
+def test_keys_missing_from_a_diffusers_config_mean_diffusers_defaults_not_the_papers(tmp_path):
+  """A config.json (old or hand-written) that leaves out flip_sin_to_cos, freq_shift,
+  downsample_padding, norm_eps or attention_head_dim describes diffusers' defaults for them, which
+  are not the official U-Net's: refused, key by key. The table of defaults is diffusers' own."""
+  import inspect  # pylint: disable=g-import-not-at-top
+
+  from ddpm_jax.convert import diffusers_format  # pylint: disable=g-import-not-at-top
+
+  signature = inspect.signature(UNet2DModel.__init__).parameters
+  for key, value in diffusers_format.DIFFUSERS_DEFAULTS.items():
+    assert signature[key].default == value, key
+  save_diffusers(random_unet(5, **TINY_UNET), tmp_path / "hub", **TINY_SCHEDULER)
+  config_path = tmp_path / "hub" / "config.json"
+  full = json.loads(config_path.read_text())
+  for key in (
+    "flip_sin_to_cos",
+    "freq_shift",
+    "downsample_padding",
+    "norm_eps",
+    "attention_head_dim",
+  ):
+    config_path.write_text(json.dumps({k: v for k, v in full.items() if k != key}))
+    assert key in import_error(tmp_path, tmp_path / "hub"), key
+  config_path.write_text(json.dumps(full))
+  convert.import_checkpoint(str(tmp_path / "hub"), config=TINY, workdir=str(tmp_path / "wd"))

@@ -478,3 +478,46 @@ def test_result_files_record_the_sampler_and_name_their_folders_by_it():
   assert sampling.tag(record) == "ddim5_eta0.0_spacinguniform"
   config.sampling.method = "ancestral"
   assert sampling.tag(sampling.record(config)) == "ancestral5_spacinguniform"
+
+
+# ----------------------------------------------------------------------------- FID/IS conventions
+
+
+def test_the_paper_s_conventions_unrounded_fid_input_and_one_is_split_are_offered_and_recorded(
+  fid_run, trained, root, inception_weights
+):
+  """fid_input = "float" feeds the Inception network the unrounded samples (clipped to [0, 255]),
+  as the paper's TF code did; is_splits = 1 scores all samples at once (TF-GAN's, the paper's).
+  Each result records its choice, and differs from the default one where the choice matters."""
+  from ddpm_jax.metrics import inception  # pylint: disable=g-import-not-at-top
+
+  default = load_json(fid_run[1])
+  assert default["fid_input"] == "uint8" and default["inception_score"]["splits"] == 10
+  assert "rounded to uint8" in default["conventions"]["fid"]
+  assert "10 splits" in default["conventions"]["inception_score"]
+  config = eval_config(
+    root, inception_weights, evaluation__fid_input="float", evaluation__is_splits=1
+  )
+  workdir = copy_of(trained, root / "fid_paper")
+  r = load_json(fid_eval.evaluate(config, str(workdir)))
+  assert r["fid_input"] == "float" and "unrounded" in r["conventions"]["fid"]
+  assert r["inception_score"]["splits"] == 1 and "paper" in r["conventions"]["inception_score"]
+  assert r["settings"]["fid_input"] == "float" and r["settings"]["is_splits"] == 1
+  # The samples are the default run's before rounding: the same images to within half a level.
+  folder = workdir / "eval" / "fid_4_ancestral10_seed0_float"
+  unrounded = np.concatenate(
+    [
+      np.load(folder / f"chunk_{a:07d}_{b:07d}.npz")["arr_0"]
+      for a, b in ((0, 5), (5, 10), (10, 12))
+    ]
+  )
+  rounded = np.concatenate([np.load(p)["arr_0"] for p in chunk_paths(fid_run[0])[1]])
+  assert unrounded.dtype == np.float32 and 0 <= unrounded.min() and unrounded.max() <= 255
+  assert np.abs(unrounded - rounded).max() <= 0.5 + 1e-4 and not np.all(unrounded == rounded)
+  # IS with one split, from the Inception logits of exactly those unrounded samples.
+  features = inception.make_feature_fn(inception.load_params(inception_weights), batch_size=4)
+  _, logits = features(unrounded)
+  assert r["inception_score"]["mean"] == pytest.approx(
+    fid_lib.inception_score(logits, 1)[0], rel=1e-5
+  )
+  assert r["fid"]["train"] != default["fid"]["train"]

@@ -562,3 +562,88 @@ def test_cli_interpolate_writes_the_pictures_and_arrays_beside_earlier_ones(trai
   with pytest.raises(ConfigError, match="t = 0, outside"):
     interpolate.run(config, str(trained_tiny))
   assert sorted(os.listdir(trained_tiny / "interpolations")) == [earlier.name, out.name]
+
+
+def test_respacing_an_xprev_model_is_refused_in_one_sentence():
+  """A model that predicts x_(t-1) predicts it for the original step t - 1: a respaced step from t
+  goes elsewhere, so such samples would be silently wrong (improved-diffusion respaces eps and x0
+  models only). All T steps stay allowed."""
+  config = tiny_config(diffusion__mean_type="xprev", sampling__num_steps=5)
+  with pytest.raises(
+    ConfigError, match="mean_type = 'xprev' predicts x_\\(t-1\\) for the original"
+  ):
+    validation.validate(config, mode="sample")
+  built = state_lib.build(config)
+  with pytest.raises(ConfigError, match="mean_type = 'xprev'"):
+    sampling.make_sampler(
+      built.model,
+      built.diffusion,
+      parallel.make_mesh(),
+      image_shape=(8, 8, 1),
+      timesteps=respace.kept_timesteps(spacing="uniform", num_steps=5, num_timesteps=10),
+    )
+  config.sampling.num_steps = -1
+  validation.validate(config, mode="sample")
+  config.sampling.method = "ddim"  # DDIM over every step reads x0 off the same original steps
+  validation.validate(config, mode="sample")
+
+
+def test_interpolation_decodes_with_the_configured_ddim_sampler_over_the_kept_steps_below_t():
+  """method = ddim, 5 of T = 10 steps (kept 0 2 4 7 9): from t = 8 (0-indexed 7) the decoder takes
+  the kept steps below it and t itself, 7 4 2 0, with DDIM's deterministic update; checked against
+  the update written out here from the DDIM paper's formulas (eta = 0)."""
+  config = tiny_config()
+  built = state_lib.build(config)
+  d, model, mesh = built.diffusion, built.model, parallel.make_mesh()
+  params = state_lib.init_state(model, built.tx, seed=1, shape=(8, 8, 1)).ema_params
+  kept = respace.kept_timesteps(spacing="uniform", num_steps=5, num_timesteps=10)
+  np.testing.assert_array_equal(interpolate.decoding_steps(kept, 7), [0, 2, 4, 7])
+  fn = interpolate.make_interpolator(
+    model, d, mesh, image_shape=(8, 8, 1), method="ddim", timesteps=kept, eta=0.0
+  )
+  rng = np.random.default_rng(0)
+  s1, s2 = (rng.integers(0, 256, (1, 8, 8, 1), dtype=np.uint8) for _ in range(2))
+  key = jax.random.key(3)
+  out = interpolate.interpolations(
+    fn,
+    params,
+    key=key,
+    sources1=s1,
+    sources2=s2,
+    lambdas=[0.0],
+    timesteps=[8],
+    batch_size=1,
+    mesh=mesh,
+  )
+  # By hand: x_7 of source 1 with its pair's noise, then DDIM over 7 -> 4 -> 2 -> 0 -> x_0.
+  abar = np.cumprod(1.0 - np.asarray(d.betas, np.float64))
+  q_key = jax.random.fold_in(jax.random.fold_in(key, 0), 0)
+  noise = np.asarray(jax.random.normal(jax.random.fold_in(q_key, 1), (8, 8, 1)), np.float64)
+  x = (
+    np.sqrt(abar[7]) * images.to_model_input(s1[0]).astype(np.float64)
+    + np.sqrt(1 - abar[7]) * noise
+  )
+  steps = [7, 4, 2, 0]
+  for t, s in zip(steps, steps[1:] + [None]):
+    eps = np.asarray(
+      model.apply(params, jnp.asarray(x[None], jnp.float32), jnp.array([t]), train=False)
+    )[0]
+    x0 = np.clip((x - np.sqrt(1 - abar[t]) * eps) / np.sqrt(abar[t]), -1, 1)
+    eps = (x - np.sqrt(abar[t]) * x0) / np.sqrt(1 - abar[t])
+    abar_s = 1.0 if s is None else abar[s]
+    x = np.sqrt(abar_s) * x0 + np.sqrt(1 - abar_s) * eps
+  expected = np.asarray(images.to_uint8(np.asarray(x, np.float32)))
+  np.testing.assert_allclose(out[0, 0, 0].astype(int), expected.astype(int), atol=1)
+  # The default (ancestral, every step) decodes something else from the same x_t.
+  ancestral = interpolate.interpolations(
+    interpolate.make_interpolator(model, d, mesh, image_shape=(8, 8, 1)),
+    params,
+    key=key,
+    sources1=s1,
+    sources2=s2,
+    lambdas=[0.0],
+    timesteps=[8],
+    batch_size=1,
+    mesh=mesh,
+  )
+  assert np.abs(ancestral.astype(int) - out.astype(int)).max() > 5

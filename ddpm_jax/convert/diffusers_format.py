@@ -251,10 +251,14 @@ def check_unet_config(unet_config: dict, *, path: str) -> None:
   official U-Net."""
   if unet_config.get("_class_name", "UNet2DModel") != "UNet2DModel":
     raise ConfigError(f"{path} describes a {unet_config['_class_name']}, not a UNet2DModel.")
+  settings = {
+    key: unet_config.get(key, DIFFUSERS_DEFAULTS.get(key)) for key in _FIXED_UNET_SETTINGS
+  }
   diffs = [
-    f"{key}={unet_config[key]!r} (the official U-Net has {value!r})"
+    f"{key}={settings[key]!r}{'' if key in unet_config else ' (absent: diffusers default)'} "
+    f"(the official U-Net has {value!r})"
     for key, value in _FIXED_UNET_SETTINGS.items()
-    if unet_config.get(key, DIFFUSERS_DEFAULTS.get(key, value)) != value
+    if settings[key] != value
   ]
   # diffusers splits attention into channels // attention_head_dim heads (null: one head, as here).
   head_dim, widths = (

@@ -1,4 +1,4 @@
-"""The U-Net of Ho et al. (2020), exactly as REFERENCE.md §2 specifies it, in Flax linen (NHWC).
+"""The U-Net of Ho et al. 2020 (Section 4, Appendix B; the official release's), Flax linen, NHWC.
 
 Parameters are float32; `dtype` sets the compute precision (float32 or bfloat16). Submodule names
 are part of the interface: the checkpoint importers in `ddpm_jax.convert` address weights by them.
