@@ -141,6 +141,18 @@ def quiet_background(verbose: bool) -> None:
   sys.excepthook = excepthook
 
 
+def quiet_command_line(verbose: bool) -> None:
+  """What every command line of the package shows: its own INFO lines and everyone's warnings (not
+  JAX's backend probing, orbax's every save, gcsfs's caches), and `quiet_background`."""
+  quiet_background(verbose)
+  if verbose:
+    return
+  ours = os.path.dirname(os.path.abspath(__file__)) + os.sep
+  logging.get_absl_handler().addFilter(
+    lambda record: record.levelno >= std_logging.WARNING or record.pathname.startswith(ours)
+  )
+
+
 def unknown_key_sentence(error: BaseException) -> str:
   """One sentence for a misspelt --config.a.b override (ml_collections raises a KeyError, or an
   AttributeError holding one, whose text is a repr with a newline and a suggestion)."""

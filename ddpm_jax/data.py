@@ -155,8 +155,8 @@ def hide_accelerators_from_tensorflow():
   """Makes TensorFlow (imported by TFDS and TensorBoard writers) see no GPU/TPU, so JAX keeps all
   their memory."""
   # TensorFlow 2.21 prints its start-up notices (oneDNN, CUDA stubs) before it reads
-  # TF_CPP_MIN_LOG_LEVEL; when that asks for silence (main sets 3), the import is kept quiet.
-  quiet = "tensorflow" not in sys.modules and os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") == "3"
+  # TF_CPP_MIN_LOG_LEVEL: the import is kept quiet unless that variable asks for TF's messages.
+  quiet = "tensorflow" not in sys.modules and os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3") == "3"
   try:
     with console.native_stderr_hidden(quiet):
       import tensorflow as tf  # pylint: disable=g-import-not-at-top

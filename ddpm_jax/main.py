@@ -6,18 +6,11 @@ mistake ends the program with one sentence on stderr and exit status 1. TensorFl
 lines and orbax's background-thread reports are shown only with --verbose.
 """
 
-import logging as std_logging
-import os
 import sys
 
-# TensorFlow (for TFDS) is quiet unless asked.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-# gs:// paths go through gcsfs in every library that uses etils.epath (this package, orbax, Grain,
-# TFDS), not TensorFlow's file system: one way to a bucket, the one tested (docs/scale.md).
-os.environ.setdefault("EPATH_USE_TF", "false")
-# ... and always ask the bucket: other processes write to it (a pod's workers, the evaluation
-# worker), so a listing cached in this one would hide their checkpoints.
-os.environ.setdefault("FSSPEC_GCS", '{"use_listings_cache": false}')
+from ddpm_jax import process_env
+
+process_env.apply()  # before the libraries below read the environment
 
 # pylint: disable=g-import-not-at-top
 import jax
@@ -86,22 +79,13 @@ def run(config, workdir: str, mode: str):
   return MODES[mode](config, workdir)
 
 
-def _library_chatter_filter():
-  """A log filter that keeps every warning but drops other libraries' INFO records (JAX's backend
-  probing, orbax's every save, gcsfs's caches): the INFO lines are this package's own."""
-  ours = os.path.dirname(os.path.abspath(__file__)) + os.sep
-  return lambda record: record.levelno >= std_logging.WARNING or record.pathname.startswith(ours)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   if not FLAGS.workdir.strip():
     raise app.UsageError("--workdir must not be empty.")
-  console.quiet_background(FLAGS.verbose)
+  console.quiet_command_line(FLAGS.verbose)
   data.hide_accelerators_from_tensorflow()
-  if not FLAGS.verbose:
-    logging.get_absl_handler().addFilter(_library_chatter_filter())
   try:
     storage.check_supported(FLAGS.workdir, what="--workdir")
     # every key, before any device or file is touched

@@ -7,18 +7,18 @@ checkpoint (`.../model.ckpt-790000` or its folder). Nothing is downloaded. Every
 the program with one sentence on stderr and exit status 1.
 """
 
-import logging as std_logging
-import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+from ddpm_jax import process_env
+
+process_env.apply()  # before the libraries below read the environment
 
 # pylint: disable=g-import-not-at-top
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
+from ddpm_jax import console
 from ddpm_jax import data
 from ddpm_jax.convert import workdir as workdir_lib
 from ddpm_jax.errors import ConfigError
@@ -84,10 +84,7 @@ def _export(out: str) -> None:
 def main(argv):
   if len(argv) != 3 or argv[1] not in ("import", "export"):
     raise app.UsageError(f"expected a command and one path.\n{USAGE}")
-  # orbax reports every save at INFO; keep its warnings only.
-  logging.get_absl_handler().addFilter(
-    lambda r: r.levelno >= std_logging.WARNING or "/orbax/" not in r.pathname
-  )
+  console.quiet_command_line(verbose=False)
   try:
     (_import if argv[1] == "import" else _export)(argv[2])
   except (ConfigError, OSError) as e:

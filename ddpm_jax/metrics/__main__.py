@@ -8,10 +8,11 @@ each image input when the weights have the classifier; `--json` writes the same.
 statistics and IS only. Bad input ends with one sentence on stderr and exit status 1.
 """
 
-import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+from ddpm_jax import process_env
+
+process_env.apply()  # before the libraries below read the environment
 
 # pylint: disable=g-import-not-at-top
 import numpy as np
@@ -19,6 +20,7 @@ from absl import app
 from absl import flags
 from PIL import Image
 
+from ddpm_jax import console
 from ddpm_jax import data
 from ddpm_jax import errors
 from ddpm_jax import storage
@@ -189,6 +191,7 @@ def _report(results: dict) -> None:
 
 
 def main(argv):
+  console.quiet_command_line(verbose=False)
   inputs = argv[1:]
   if len(inputs) not in (1, 2):
     raise app.UsageError(
