@@ -94,6 +94,10 @@ def test_sigterm_leaves_a_checkpoint_to_resume_from(tmp_path):
     (["--config.diffusion.beta_schedule=cosin"], "cosin"),
     (["--config.model.attn_resolutions=(3,)"], "3"),
     (["--config.trainig.batch_size=8"], "trainig"),
+    (
+      ["--config.sampling.num_step=3"],
+      'unknown config key in the command line overrides: num_step Did you mean "num_steps"',
+    ),
   ],
 )
 def test_user_errors_give_one_sentence_and_exit_nonzero(tmp_path, extra, message):

@@ -647,3 +647,34 @@ def test_interpolation_decodes_with_the_configured_ddim_sampler_over_the_kept_st
     mesh=mesh,
   )
   assert np.abs(ancestral.astype(int) - out.astype(int)).max() > 5
+
+
+def test_the_sampler_reports_its_steps_within_a_batch_and_the_bar_moves_with_them():
+  config = tiny_config()
+  built = state_lib.build(config)
+  mesh = parallel.make_mesh()
+  params = state_lib.init_state(built.model, built.tx, seed=0, shape=(8, 8, 1)).ema_params
+  calls = []
+  fn = sampling.from_config(
+    config, built, mesh, on_step=lambda done, n: calls.append((int(done), int(n)))
+  )
+  jax.block_until_ready(fn(params, jax.random.key(0), sampling.sample_ids(0, 2, mesh)))
+  jax.effects_barrier()
+  assert sorted(calls) == [(i, 10) for i in range(1, 11)]
+  progress = sampling.Progress(8)
+  progress.begin(4, 4)  # the second batch of 4
+  progress.on_step(5, 10)
+  assert progress._bar.n == 6  # pylint: disable=protected-access
+  progress.end(8)
+
+
+def test_a_few_samples_are_drawn_in_a_batch_of_their_own_size(trained_tiny, monkeypatch):
+  """--mode=sample with num_samples = 2 and the default batch of 256 computes 2, not 256."""
+  sizes = []
+  real = sampling.generate
+  monkeypatch.setattr(
+    sampling, "generate", lambda *a, **k: sizes.append(k["batch_size"]) or real(*a, **k)
+  )
+  config = tiny_config(sampling__num_samples=2, sampling__batch_size=256)
+  samples_eval.dump_samples(config, str(trained_tiny))
+  assert sizes == [parallel.round_up_to_devices(2)]

@@ -1,6 +1,7 @@
 """The training engine: optimizer recipe, exact resume, device/process independence, learning,
 sampling."""
 
+import logging
 import os
 import shutil
 import socket
@@ -357,3 +358,21 @@ def test_several_steps_per_dispatch_equal_one_at_a_time(tmp_path):
   # weights, while a skipped or repeated step moves weights by ~lr = 1e-3.
   for a, b in zip(leaves(one), leaves(two)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)
+
+
+def test_a_run_too_short_for_its_ema_warns_and_names_a_decay_that_would_do(caplog):
+  """The EMA starts at the random initial weights (no bias correction, as in the paper): after
+  600 steps at 0.999 it still holds 55% of them, and its samples are noise."""
+  short = tiny_config(training__num_steps=600, training__ema_decay=0.999).training
+  with caplog.at_level(logging.WARNING):
+    train.warn_if_ema_too_slow(short)
+  assert "keeps 55% of the initial random weights" in caplog.text
+  assert "--config.training.ema_decay=0.9923" in caplog.text  # 0.9923 ** 600 < 1%
+  caplog.clear()
+  from ddpm_jax.configs import cifar10  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.configs import digits  # pylint: disable=g-import-not-at-top
+
+  for config in (cifar10.get_config(), digits.get_config()):  # the paper's and the README's runs
+    with caplog.at_level(logging.WARNING):
+      train.warn_if_ema_too_slow(config.training)
+  assert not caplog.text
