@@ -33,6 +33,8 @@ from ddpm_jax.errors import CheckpointError
 MODEL_KEYS = ("model", "diffusion", "data.image_size", "data.num_channels")
 # How the model computes, not what it computes: a run may resume or be evaluated with other values.
 COMPUTE_ONLY_KEYS = ("model.remat", "model.dtype")
+# Keys added after checkpoints were first written, and the value a config.json without them means.
+ADDED_KEYS = {"model.num_classes": 0}
 # In each step folder: the size and SHA-256 of every other file, written once orbax has committed
 # the step.
 DIGEST_FILE = "ddpm_jax_digests.json"
@@ -426,7 +428,8 @@ def check_compatible(saved: dict, config: ml_collections.ConfigDict, *, source: 
       diffs += [
         f"{key}.{k}: {old.get(k)!r} -> {new.get(k)!r}"
         for k in sorted(set(old) | set(new))
-        if old.get(k) != new.get(k) and f"{key}.{k}" not in COMPUTE_ONLY_KEYS
+        if old.get(k, ADDED_KEYS.get(f"{key}.{k}")) != new.get(k, ADDED_KEYS.get(f"{key}.{k}"))
+        and f"{key}.{k}" not in COMPUTE_ONLY_KEYS
       ]
     elif old != new:
       diffs.append(f"{key}: {old!r} -> {new!r}")

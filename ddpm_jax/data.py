@@ -1,6 +1,8 @@
 """Input pipelines: uint8 NHWC images from TFDS, the built-in digits, or a folder, batched by Grain.
 
-Every source is random access (`len`, `source[i]` -> uint8 [H, W, C]). Training order, flips and
+Every source is random access (`len`, `source[i]` -> uint8 [H, W, C]; for a class-conditional
+model `{"image": that, "label": int32}`, the labels of the digits, of TFDS's `label` feature, or of
+a folder's class sub-folders). Training order, flips and
 per-process sharding are pure functions of the seed and the example's position in one global stream,
 so a run on 1 host and a run on 64 hosts see the same global batches, and the iterator position
 (`get_state`) is all a checkpoint needs to resume exactly.
@@ -26,6 +28,9 @@ from ddpm_jax.errors import DatasetError  # pylint: disable=unused-import (re-ex
 _TFDS_NAMES = {"cifar10": "cifar10", "celeb_a_hq": "celeb_a_hq/256"}
 _KNOWN = ("digits", "image_folder", "cifar10", "celeb_a_hq", "lsun/<category>")
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# The datasets whose examples carry a class label, and how many classes they have (an image folder
+# has one class per sub-folder).
+NUM_CLASSES = {"digits": 10, "cifar10": 10}
 _PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 # Enough batches in flight to hide decoding, few enough that 256x256 batches stay small in memory.
 _READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=4)
@@ -82,22 +87,43 @@ def _digits(image_size: int) -> np.ndarray:
   return images
 
 
+def _labeled(image: np.ndarray, label) -> dict:
+  """One example of a conditional model's source."""
+  return {"image": image, "label": np.int32(label)}
+
+
+class LabeledDigits:
+  """The digits with their classes (scikit-learn's targets, 0..9)."""
+
+  def __init__(self, image_size: int):
+    self._images = _digits(image_size)
+    self._labels = datasets.load_digits().target.astype(np.int32)
+
+  def __len__(self) -> int:
+    return len(self._images)
+
+  def __getitem__(self, index: int) -> dict:
+    return _labeled(self._images[index], self._labels[index])
+
+
 class ImageFolderSource:
   """Every PNG/JPEG under a folder, decoded lazily, converted to L/RGB, center-cropped and
-  resized."""
+  resized; with `labels` (one per path) each example is {"image", "label"}."""
 
-  def __init__(self, paths, *, image_size: int, num_channels: int):
+  def __init__(self, paths, *, image_size: int, num_channels: int, labels=None):
     self._paths = [str(p) for p in paths]
     self._size = image_size
     self._mode = "L" if num_channels == 1 else "RGB"
+    self._labels = None if labels is None else np.asarray(labels, np.int32)
 
   def __len__(self) -> int:
     return len(self._paths)
 
-  def __getitem__(self, index: int) -> np.ndarray:
+  def __getitem__(self, index: int):
     with storage.open_read(self._paths[index]) as f, Image.open(f) as image:
       image = image.convert(self._mode)
-    return _as_hwc(center_crop_resize(image, self._size))
+    image = _as_hwc(center_crop_resize(image, self._size))
+    return image if self._labels is None else _labeled(image, self._labels[index])
 
   def __repr__(self) -> str:
     return f"ImageFolderSource({len(self)} images)"
@@ -107,15 +133,18 @@ class TfdsImageSource:
   """The 'image' feature of a TFDS random-access source, center-cropped/resized when its size
   differs."""
 
-  def __init__(self, source, *, image_size: int):
+  def __init__(self, source, *, image_size: int, with_labels: bool = False):
     self._source = source
     self._size = image_size
+    self._with_labels = with_labels
 
   def __len__(self) -> int:
     return len(self._source)
 
-  def __getitem__(self, index: int) -> np.ndarray:
-    return _fit_array(np.asarray(self._source[index]["image"], dtype=np.uint8), self._size)
+  def __getitem__(self, index: int):
+    example = self._source[index]
+    image = _fit_array(np.asarray(example["image"], dtype=np.uint8), self._size)
+    return _labeled(image, example["label"]) if self._with_labels else image
 
   def __repr__(self) -> str:
     return f"TfdsImageSource({len(self)} images)"
@@ -130,6 +159,22 @@ def image_paths_under(folder: str) -> list[str]:
   return [
     storage.join(storage.resolve(folder), f) for f in sorted(found, key=lambda f: f.split("/"))
   ]
+
+
+def folder_classes(folder: str, paths) -> tuple[list[str], list[int]]:
+  """The class names of an image folder (its sub-folders, sorted) and each path's class id; a
+  DatasetError names an image that is not inside a class sub-folder."""
+  root = storage.resolve(folder).rstrip("/") + "/"
+  first = [p[len(root) :].split("/") for p in paths]
+  loose = [p for p, parts in zip(paths, first) if len(parts) < 2]
+  if loose:
+    raise DatasetError(
+      f"config.model.num_classes > 0 needs one sub-folder per class in config.data.image_folder = "
+      f"{folder!r}, but {loose[0]} is not in a sub-folder."
+    )
+  names = sorted({parts[0] for parts in first})
+  ids = {name: i for i, name in enumerate(names)}
+  return names, [ids[parts[0]] for parts in first]
 
 
 def _image_paths(folder: str) -> list[str]:
@@ -277,6 +322,7 @@ def _tfds_source(dataset: str, *, split: str, data_dir: str | None):
 def _check_first_image(source, data_config):
   """DatasetError when the source's images do not have config.data.num_channels channels."""
   image = source[0]
+  image = image["image"] if isinstance(image, dict) else image
   size, channels = data_config.image_size, data_config.num_channels
   if image.shape[-1] != channels:
     raise DatasetError(
@@ -289,9 +335,30 @@ def _check_first_image(source, data_config):
   )
 
 
-def load_images(data_config, *, split: str):
+def _check_classes(found: int, num_classes: int, *, what: str):
+  if found != num_classes:
+    raise DatasetError(
+      f"{what} has {found} classes but config.model.num_classes = {num_classes}; set it to {found}."
+    )
+
+
+def _tfds_labeled(tfds_source, dataset: str, num_classes: int):
+  """Checks that a TFDS source has a `label` feature with num_classes classes."""
+  info = getattr(tfds_source, "dataset_info", None)
+  features = {} if info is None else info.features
+  feature = features["label"] if "label" in features else None
+  if feature is None:
+    raise DatasetError(
+      f"config.model.num_classes = {num_classes} needs class labels, but config.data.dataset = "
+      f"{dataset!r} has no 'label' feature; use num_classes = 0."
+    )
+  _check_classes(int(feature.num_classes), num_classes, what=f"config.data.dataset = {dataset!r}")
+
+
+def load_images(data_config, *, split: str, num_classes: int = 0):
   """The random-access source of `split`: `len(src)`, `src[i]` -> uint8 [image_size, image_size,
-  C]."""
+  C], or with num_classes > 0 {"image": that, "label": int32} (DatasetError for a dataset without
+  num_classes classes)."""
   assert int(data_config.image_size) > 0 and data_config.num_channels in (1, 3), data_config
   dataset, size, channels = (
     data_config.dataset,
@@ -307,22 +374,36 @@ def load_images(data_config, *, split: str):
       raise DatasetError(
         f"the digits dataset is grayscale: set config.data.num_channels = 1, not {channels}."
       )
-    source = _digits(size)
+    if num_classes:
+      _check_classes(NUM_CLASSES["digits"], num_classes, what="the digits dataset")
+    source = LabeledDigits(size) if num_classes else _digits(size)
   elif dataset == "image_folder":
     paths = _image_paths(data_config.image_folder)
-    source = ImageFolderSource(paths, image_size=size, num_channels=channels)
+    labels = None
+    if num_classes:
+      names, labels = folder_classes(data_config.image_folder, paths)
+      _check_classes(
+        len(names),
+        num_classes,
+        what=f"config.data.image_folder = {data_config.image_folder!r} ({', '.join(names)})",
+      )
+    source = ImageFolderSource(paths, image_size=size, num_channels=channels, labels=labels)
   else:
     tfds_source = _tfds_source(dataset, split=split, data_dir=data_config.tfds_data_dir or None)
-    source = TfdsImageSource(tfds_source, image_size=size)
+    if num_classes:
+      _tfds_labeled(tfds_source, dataset, num_classes)
+    source = TfdsImageSource(tfds_source, image_size=size, with_labels=bool(num_classes))
   if len(source) == 0:  # pylint: disable=g-explicit-length-test
     raise DatasetError(f"split {split!r} of config.data.dataset = {dataset!r} has no examples.")
   _check_first_image(source, data_config)
   return source
 
 
-def _random_flip(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-  """Mirrors the image left-right with probability 1/2."""
-  return np.ascontiguousarray(image[:, ::-1]) if rng.random() < 0.5 else image
+def _random_flip(example, rng: np.random.Generator):
+  """Mirrors the image (of a labeled example too) left-right with probability 1/2."""
+  if isinstance(example, dict):
+    return dict(example, image=_random_flip(example["image"], rng))
+  return np.ascontiguousarray(example[:, ::-1]) if rng.random() < 0.5 else example
 
 
 def _derived_seeds(seed: int) -> tuple[int, int]:
@@ -356,9 +437,10 @@ def train_iterator(
   process_index: int = 0,
   process_count: int = 1,
   start_batch: int = 0,
+  num_classes: int = 0,
 ) -> grain.DatasetIterator:
   """Endless uint8 batches [global_batch_size // process_count, H, W, C] for this process, from
-  global batch `start_batch` on.
+  global batch `start_batch` on (with num_classes > 0: {"image": those, "label": int32 [B]}).
 
   One global stream: epoch e is the whole dataset shuffled with a seed folded with e (Grain's
   shuffle + repeat), each element flipped (if config.data.random_flip) by a draw seeded with its
@@ -371,7 +453,7 @@ def train_iterator(
   _check_sharding(
     global_batch_size=global_batch_size, process_index=process_index, process_count=process_count
   )
-  source = load_images(data_config, split=data_config.split)
+  source = load_images(data_config, split=data_config.split, num_classes=num_classes)
   if len(source) < global_batch_size:
     raise DatasetError(
       f"config.data.dataset = {data_config.dataset!r} has {len(source)} examples, fewer than "
@@ -398,14 +480,16 @@ def train_iterator(
   return iter(it_ds)
 
 
-def eval_batches(data_config, *, split: str, batch_size: int, num_examples: int):
+def eval_batches(
+  data_config, *, split: str, batch_size: int, num_examples: int, num_classes: int = 0
+):
   """The first `num_examples` images of `split` in order, unflipped, in uint8 batches of <=
-  batch_size."""
+  batch_size (with num_classes > 0: {"image": those, "label": int32 [B]})."""
   if batch_size <= 0 or num_examples <= 0:
     raise DatasetError(
       f"evaluation batch_size ({batch_size}) and num_examples ({num_examples}) must be positive."
     )
-  source = load_images(data_config, split=split)
+  source = load_images(data_config, split=split, num_classes=num_classes)
   if num_examples > len(source):
     raise DatasetError(
       f"config.evaluation.num_examples = {num_examples} exceeds the {len(source)} examples of "

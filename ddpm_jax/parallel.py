@@ -133,17 +133,17 @@ class DevicePrefetcher:
     self._mesh = mesh
     self._ahead = None  # (n, global array, host iterator state before it was read)
 
-  def _read(self, n: int) -> jax.Array:
-    return global_batch(
-      np.stack([next(self._iterator) for _ in range(n)]), self._mesh, batch_axis=1
-    )
+  def _read(self, n: int):
+    """The next n host batches (arrays, or dicts of arrays) stacked, as global arrays."""
+    stacked = jax.tree.map(lambda *b: np.stack(b), *[next(self._iterator) for _ in range(n)])
+    return jax.tree.map(lambda b: global_batch(b, self._mesh, batch_axis=1), stacked)
 
   def prefetch(self, n: int) -> None:
     if n > 0 and self._ahead is None:
       state = self._iterator.get_state()
       self._ahead = (n, self._read(n), state)
 
-  def take(self, n: int) -> jax.Array:
+  def take(self, n: int):
     if self._ahead is not None and self._ahead[0] != n:
       self.rewind()
     if self._ahead is None:

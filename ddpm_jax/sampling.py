@@ -6,6 +6,10 @@ compiled function (never closed over), so one compilation serves every checkpoin
 sample's randomness comes from `fold_in(key, sample_id)` and, within it, from the original
 timestep t: the images do not depend on the batch size or the number of devices, sample i of a
 50k dump is reproducible alone, and keeping all T steps gives exactly Algorithm 2's samples.
+
+A class-conditional model samples sample i with the label `labels.of_ids(table, i)` and, with
+guidance scale w != 0, classifier-free guidance (Ho & Salimans 2022, Eq. 6): one batched forward
+of the conditional and the null-label inputs inside the same loop (`guided_model_fn`).
 """
 
 import math
@@ -19,9 +23,11 @@ from jax.sharding import PartitionSpec as P
 
 from ddpm_jax import diffusion as dm
 from ddpm_jax import images
+from ddpm_jax import labels as labels_lib
 from ddpm_jax import parallel
 from ddpm_jax import respace
 from ddpm_jax.errors import ConfigError
+from ddpm_jax.models import unet
 
 METHODS = ("ancestral", "ddim")
 
@@ -109,22 +115,47 @@ def record(config) -> dict:
     out["spacing"] = str(config.sampling.get("spacing", "uniform"))
   if options["method"] == "ddim":
     out["eta"] = options["eta"]
+  if unet.num_classes(config.model):
+    out["labels"] = labels_lib.describe(config.sampling.get("labels", "all"))
+    out["guidance_scale"] = float(config.sampling.get("guidance_scale", 0.0))
   return out
 
 
 def tag(sampler_record: dict) -> str:
   """'ancestral1000' (+ '_eta0.0'-style suffixes for further settings): a folder-name-safe label."""
+  short = {"guidance_scale": "w"}
   extra = "".join(
-    f"_{k}{v}" for k, v in sorted(sampler_record.items()) if k not in ("method", "num_steps")
+    f"_{short.get(k, k)}{v}"
+    for k, v in sorted(sampler_record.items())
+    if k not in ("method", "num_steps")
   )
   label = f"{sampler_record['method']}{sampler_record['num_steps']}{extra}"
   return label.replace("/", "-").replace(" ", "")
 
 
-def from_config(config, built, mesh, *, record_every: int = 0, on_step=None, as_uint8=True):
+def config_label_table(config, *, num_samples: int | None = None, spec=None):
+  """The label table (see `labels`) of a conditional config's samples: `spec` or
+  config.sampling.labels, for a dump of num_samples (default config.sampling.num_samples); None for
+  an unconditional model."""
+  num_classes = unet.num_classes(config.model)
+  if not num_classes:
+    return None
+  return labels_lib.table(
+    config.sampling.get("labels", "all") if spec is None else spec,
+    num_classes=num_classes,
+    num_samples=config.sampling.num_samples if num_samples is None else num_samples,
+  )
+
+
+def from_config(
+  config, built, mesh, *, record_every: int = 0, on_step=None, as_uint8=True, label_table=None
+):
   """The sampler `config.sampling` describes, for the model and diffusion `built` from `config`
-  (see `make_sampler`): the one place a config turns into a sampler."""
+  (see `make_sampler`): the one place a config turns into a sampler. A conditional model's labels
+  come from `label_table`, or else from config.sampling.labels (`config_label_table`)."""
   T = built.diffusion.num_timesteps
+  if label_table is None:
+    label_table = config_label_table(config)
   return make_sampler(
     built.model,
     built.diffusion,
@@ -134,6 +165,8 @@ def from_config(config, built, mesh, *, record_every: int = 0, on_step=None, as_
     record_every=record_every,
     on_step=on_step,
     as_uint8=as_uint8,
+    label_table=label_table,
+    guidance_scale=float(config.sampling.get("guidance_scale", 0.0)),
     **sampler_options(config.sampling, T, mean_type=config.diffusion.mean_type),
   )
 
@@ -143,16 +176,56 @@ def draw_normal(sample_keys, t, shape):
   return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, t), shape))(sample_keys)
 
 
-def reverse_step_fn(model, spaced: dm.Diffusion, kept, *, method: str, eta: float, clip_denoised):
-  """Returns `step(params, x, k, sample_keys) -> (x at the next kept step below, predicted x0)`:
-  the reverse step from kept step k (original timestep kept[k]) of the respaced diffusion `spaced`;
-  the network sees the original timestep, the noise comes from fold_in(sample key, kept[k])."""
-  kept = jnp.asarray(kept)
+def guided_model_fn(model, *, guidance_scale: float = 0.0):
+  """Returns `apply(params, x, t, y) -> model output` for sampling (y None: unconditional).
 
-  def step(params, x, k, sample_keys):
+  With labels y and w = guidance_scale != 0, classifier-free guidance (Ho & Salimans 2022, Eq. 6):
+  the mean output (eps, or x0 / x_{t-1}, which are affine in eps with weights summing to 1) is
+  (1 + w) out(x, y) - w out(x, null), from ONE forward of the batch [x, x] with labels [y, null];
+  learned variances come from the conditional half. With w = 0 it is the plain conditional
+  forward (no null pass), so the samples equal unguided conditional sampling bitwise.
+  """
+
+  def apply(params, x, t, y):
+    if y is None or guidance_scale == 0:
+      return model.apply(params, x, t, y, train=False)
+    null = jnp.full_like(y, model.num_classes)
+    both = model.apply(
+      params,
+      jnp.concatenate([x, x]),
+      jnp.concatenate([t, t]),
+      jnp.concatenate([y, null]),
+      train=False,
+    )
+    cond, uncond = jnp.split(both, 2)
+    c = x.shape[-1]
+    mean = (1.0 + guidance_scale) * cond[..., :c] - guidance_scale * uncond[..., :c]
+    return jnp.concatenate([mean, cond[..., c:]], axis=-1)
+
+  return apply
+
+
+def reverse_step_fn(
+  model,
+  spaced: dm.Diffusion,
+  kept,
+  *,
+  method: str,
+  eta: float,
+  clip_denoised,
+  guidance_scale: float = 0.0,
+):
+  """Returns `step(params, x, k, sample_keys, y) -> (x at the next kept step below, predicted
+  x0)`: the reverse step from kept step k (original timestep kept[k]) of the respaced diffusion
+  `spaced`; the network sees the original timestep (and labels y of a conditional model, guided by
+  `guided_model_fn`), the noise comes from fold_in(sample key, kept[k])."""
+  kept = jnp.asarray(kept)
+  model_fn = guided_model_fn(model, guidance_scale=guidance_scale)
+
+  def step(params, x, k, sample_keys, y=None):
     batch = x.shape[0]
     t = kept[k]
-    out = model.apply(params, x, jnp.full((batch,), t, jnp.int32), train=False)
+    out = model_fn(params, x, jnp.full((batch,), t, jnp.int32), y)
     noise = draw_normal(sample_keys, t, x.shape[1:]) if method == "ancestral" or eta > 0 else None
     k = jnp.full((batch,), k, jnp.int32)
     if method == "ancestral":
@@ -175,6 +248,8 @@ def make_sampler(
   eta: float = 0.0,
   as_uint8: bool = True,
   on_step=None,
+  label_table=None,
+  guidance_scale: float = 0.0,
 ):
   """Returns `sample(params, key, ids) -> uint8 images` (and a `Chain` when record_every > 0).
 
@@ -185,13 +260,22 @@ def make_sampler(
   is kept. `as_uint8=False` returns the float32 images (and records) unclipped instead, for
   comparisons with other code. `on_step(steps_done)`, if given, is called on the host of the first
   device during the loop (about 50 times per batch), to show progress within a slow batch.
+  A conditional model samples id i with label `labels.of_ids(label_table, i)`, guided with
+  `guidance_scale` (see `guided_model_fn`).
   """
   _check_method(method, eta)
+  assert (label_table is None) == (not getattr(model, "num_classes", 0)), "labels vs model"
   T = d.num_timesteps
   kept = respace.check_timesteps(np.arange(T) if timesteps is None else timesteps, T)
   _check_mean_type(d.mean_type, kept, T)
   step_fn = reverse_step_fn(
-    model, respace.respace(d, kept), kept, method=method, eta=eta, clip_denoised=clip_denoised
+    model,
+    respace.respace(d, kept),
+    kept,
+    method=method,
+    eta=eta,
+    clip_denoised=clip_denoised,
+    guidance_scale=guidance_scale,
   )
   num_steps = len(kept)
   recorded = record_steps(kept, record_every) if record_every else np.zeros((0,), np.int64)
@@ -201,13 +285,14 @@ def make_sampler(
 
   def per_device(params, key, ids):
     sample_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, ids)
+    y = None if label_table is None else labels_lib.of_ids(jnp.asarray(label_table), ids)
     x = draw_normal(sample_keys, T, shape)  # x_{T-1} ~ N(0, I)
     records = jnp.zeros((len(recorded), 2, ids.shape[0]) + shape, jnp.float32)
 
     def body(i, carry):
       x, records = carry
       k = num_steps - 1 - i  # index into the kept steps
-      x, pred_xstart = step_fn(params, x, k, sample_keys)
+      x, pred_xstart = step_fn(params, x, k, sample_keys, y)
       if record_every:
         slot = jnp.asarray(slot_of_step)[k]
         records = jax.lax.cond(

@@ -28,6 +28,7 @@ SEED_STREAMS = dict(
 EXAMPLE_TIMESTEP = 0
 EXAMPLE_NOISE = 1
 EXAMPLE_DROPOUT = 2
+EXAMPLE_LABEL_DROPOUT = 3  # conditional models: whether the example's label becomes the null label
 
 # Sub-streams of the interpolation key: the sources' q_sample noise and the reverse process's noise.
 INTERPOLATION_FORWARD = 0

@@ -20,6 +20,7 @@ from ddpm_jax import checkpoint
 from ddpm_jax import data
 from ddpm_jax import diffusion as dm
 from ddpm_jax import images
+from ddpm_jax import labels as labels_lib
 from ddpm_jax import parallel
 from ddpm_jax import sampling
 from ddpm_jax import state as state_lib
@@ -53,32 +54,58 @@ def per_example_randomness(step_key, ids, *, num_timesteps: int, shape):
   return t, noise, dropout_keys
 
 
+def drop_labels(step_key, ids, labels, *, rate: float, null_label: int):
+  """Each example's label, replaced by the null label with probability `rate` (Ho & Salimans 2022,
+  Algorithm 1), drawn from the example's own sub-stream: independent of the device count."""
+  if rate == 0:
+    return labels
+  keys = jax.vmap(jax.random.fold_in, (None, 0))(step_key, ids)
+  drop = jax.vmap(
+    lambda k: jax.random.bernoulli(jax.random.fold_in(k, streams.EXAMPLE_LABEL_DROPOUT), rate)
+  )(keys)
+  return jnp.where(drop, jnp.asarray(null_label, labels.dtype), labels)
+
+
 def make_train_step(
-  model, d: dm.Diffusion, tx, mesh, *, ema_decay: float, lr_fn, cpu_options: bool = True
+  model,
+  d: dm.Diffusion,
+  tx,
+  mesh,
+  *,
+  ema_decay: float,
+  lr_fn,
+  cpu_options: bool = True,
+  label_dropout: float = 0.0,
 ):
-  """Returns `train_step(state, batches) -> (state, metrics)`; batches are uint8 [k, B, H, W, C].
+  """Returns `train_step(state, batches) -> (state, metrics)`; batches are uint8 [k, B, H, W, C],
+  or for a conditional model {"image": that, "label": int32 [k, B]} (labels dropped to the null
+  label with probability `label_dropout`).
 
   The k steps run in one `lax.scan` (one dispatch); metrics are arrays [k]. The old state's
   buffers are donated. On CPU it is compiled with `xla_cpu.train_step_options` unless
   `cpu_options` is False (the same results to float32 rounding, faster).
   """
 
-  def one_step(state: state_lib.TrainState, images_uint8):
+  def one_step(state: state_lib.TrainState, batch):
+    images_uint8 = batch["image"] if model.num_classes else batch
     local_batch = images_uint8.shape[0]
     x_start = images.to_model_input(images_uint8)
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
+    ids = parallel.example_ids(local_batch)
     t, noise, dropout_keys = per_example_randomness(
-      step_key,
-      parallel.example_ids(local_batch),
-      num_timesteps=d.num_timesteps,
-      shape=x_start.shape[1:],
+      step_key, ids, num_timesteps=d.num_timesteps, shape=x_start.shape[1:]
     )
+    y = None
+    if model.num_classes:
+      y = drop_labels(
+        step_key, ids, batch["label"], rate=label_dropout, null_label=model.num_classes
+      )
 
     def loss_fn(params):
       def model_fn(x_t, t):
         # each example's dropout masks come from its own key: they depend on its id, not on the
         # device count
-        return model.apply(params, x_t, t, train=True, dropout_keys=dropout_keys)
+        return model.apply(params, x_t, t, y, train=True, dropout_keys=dropout_keys)
 
       return jnp.mean(dm.training_losses(d, model_fn, x_start=x_start, t=t, noise=noise))
 
@@ -102,9 +129,9 @@ def make_train_step(
 
   def per_device(state, batches):
     if (
-      batches.shape[0] == 1
+      jax.tree.leaves(batches)[0].shape[0] == 1
     ):  # no loop: XLA:CPU runs a convolution's gradient ~30x slower inside one
-      state, metrics = one_step(state, batches[0])
+      state, metrics = one_step(state, jax.tree.map(lambda b: b[0], batches))
       return state, jax.tree.map(lambda m: m[None], metrics)
     return jax.lax.scan(one_step, state, batches)
 
@@ -218,16 +245,26 @@ class _Logger:
 
 
 def write_sample_grid(
-  workdir, *, sample_fn, params, key, num: int, batch_size: int, mesh, step: int, writer=None
+  workdir,
+  *,
+  sample_fn,
+  params,
+  key,
+  num: int,
+  batch_size: int,
+  mesh,
+  step: int,
+  writer=None,
+  ncols: int | None = None,
 ):
   """Samples `num` images with the EMA params and writes WORKDIR/samples/step_<step>.png (process
-  0)."""
+  0), `ncols` images a row (None: a square grid)."""
   imgs = sampling.generate(
     sample_fn, params, key=key, num_samples=num, batch_size=batch_size, mesh=mesh
   )
   if jax.process_index() != 0:
     return None
-  grid = images.make_grid(imgs)
+  grid = images.make_grid(imgs, ncols=ncols)
   path = images.save_png(storage.join(workdir, "samples", f"step_{step}.png"), grid)
   if writer is not None:
     writer.image("samples", grid, step)
@@ -251,6 +288,32 @@ def warn_if_ema_too_slow(c):
       c.num_steps,
       math.floor(suggested * 1e4) / 1e4,
     )
+
+
+def _write_classes(config, workdir: str) -> None:
+  """WORKDIR/classes.json: the class names of a conditional model's image folder, by label."""
+  if not unet.num_classes(config.model) or config.data.dataset != "image_folder":
+    return
+  names, _ = data.folder_classes(
+    config.data.image_folder, data.image_paths_under(config.data.image_folder)
+  )
+  if jax.process_index() == 0:
+    storage.write_json(
+      storage.join(storage.resolve(workdir), "classes.json"), {"class_names": names}
+    )
+
+
+def _grid_sampler(config, built, mesh) -> dict:
+  """The sampler of the training grids and its columns: for a conditional model a class grid (row k
+  = class k, config.sampling.guidance_scale), else a square grid."""
+  num_classes, num = built.model.num_classes, config.training.num_grid_samples
+  if not num_classes:
+    return dict(sample_fn=sampling.from_config(config, built, mesh), ncols=None)
+  table = sampling.config_label_table(config, num_samples=num, spec="grid")
+  return dict(
+    sample_fn=sampling.from_config(config, built, mesh, label_table=table),
+    ncols=labels_lib.grid_columns(num_classes, num),
+  )
 
 
 def _start_or_resume(config, workdir: str, *, built, manager, mesh):
@@ -298,17 +361,25 @@ def train(config, workdir: str):
     process_index=jax.process_index(),
     process_count=jax.process_count(),
     start_batch=step,
+    num_classes=built.model.num_classes,
   )
   checkpoint.write_config(workdir, config)
+  _write_classes(config, workdir)
   train_step = make_train_step(
-    built.model, built.diffusion, built.tx, mesh, ema_decay=c.ema_decay, lr_fn=built.lr_fn
+    built.model,
+    built.diffusion,
+    built.tx,
+    mesh,
+    ema_decay=c.ema_decay,
+    lr_fn=built.lr_fn,
+    label_dropout=float(c.get("label_dropout", 0.0)),
   )
   grid = dict(
-    sample_fn=sampling.from_config(config, built, mesh),
     key=streams.key(config.seed, streams.TRAIN_GRID),
     num=c.num_grid_samples,
     batch_size=parallel.round_up_to_devices(c.num_grid_samples),
     mesh=mesh,
+    **_grid_sampler(config, built, mesh),
   )
   writer = summaries.writer(workdir)
   logger = _Logger(

@@ -15,6 +15,7 @@ import jax
 
 from ddpm_jax import data
 from ddpm_jax import diffusion as dm
+from ddpm_jax import labels as labels_lib
 from ddpm_jax import parallel
 from ddpm_jax import sampling
 from ddpm_jax import storage
@@ -145,12 +146,32 @@ def check_model(config, mode: str):
   _bool(config.model, "model", "resamp_with_conv")
   if "remat" in config.model:
     _bool(config.model, "model", "remat")
+  if "num_classes" in config.model:  # (keys added later are optional in a saved config.json)
+    _int(config.model, "model", "num_classes", minimum=0)
+    _check_labeled_dataset(config)
   unet.create_model(
     config.model,
     image_size=config.data.image_size,
     num_channels=config.data.num_channels,
     learned_variance=config.diffusion.var_type in dm.LEARNED_VAR_TYPES,
   )
+
+
+def _check_labeled_dataset(config):
+  """A conditional model needs labels: the digits and cifar10 have 10 classes, an image folder one
+  per sub-folder (checked when it is read), the other datasets none."""
+  num_classes, dataset = config.model.num_classes, config.data.dataset
+  if not num_classes or dataset == "image_folder":
+    return
+  found = data.NUM_CLASSES.get(dataset)
+  if found is None:
+    raise ConfigError(
+      f"config.model.num_classes = {num_classes} needs class labels, but config.data.dataset = "
+      f"{dataset!r} has none (labeled: {', '.join(data.NUM_CLASSES)}, or an image_folder with one "
+      "sub-folder per class); use num_classes = 0."
+    )
+  if num_classes != found:
+    _fail("model.num_classes", num_classes, f"must be {found}, the classes of {dataset!r}")
 
 
 def check_training(config, mode: str):
@@ -176,6 +197,8 @@ def check_training(config, mode: str):
       )
   _int(c, p, "num_grid_samples", minimum=0)
   _int(c, p, "keep_checkpoints", minimum=1)
+  if "label_dropout" in c:
+    _unit_interval(c, p, "label_dropout")
 
 
 def check_sampling(config, mode: str):
@@ -188,6 +211,15 @@ def check_sampling(config, mode: str):
   _int(c, p, "checkpoint_step", minimum=-1)
   # method, num_steps, spacing and eta (respace/sampling own those rules; NumPy only, no devices)
   sampling.sampler_options(c, config.diffusion.num_timesteps, mean_type=config.diffusion.mean_type)
+  if "guidance_scale" in c:
+    _real(c, p, "guidance_scale", at_least=0)
+    num_classes = unet.num_classes(config.model)
+    if c.guidance_scale and not num_classes:
+      _fail(
+        f"{p}.guidance_scale", c.guidance_scale, "needs a conditional model (model.num_classes)"
+      )
+    if num_classes:
+      labels_lib.parse(c.labels, num_classes=num_classes)
 
 
 def check_evaluation(config, mode: str):

@@ -32,6 +32,9 @@ def get_config():
   # them: less device memory (the 256x256 model at large batches) for about one more forward pass of
   # compute.
   model.remat = False
+  # > 0: a class-conditional model over labels 0 .. num_classes - 1 (Ho & Salimans 2022); the label
+  # num_classes is the null label ("no class"). 0: unconditional, the paper's model.
+  model.num_classes = 0
 
   config.diffusion = diffusion = ml_collections.ConfigDict()
   diffusion.beta_schedule = "linear"  # linear | quad | const | jsd | warmup10 | warmup50 | cosine
@@ -53,6 +56,9 @@ def get_config():
   training.adam_eps = 1e-8
   training.grad_clip = 1.0
   training.ema_decay = 0.9999
+  # conditional models: each example's label is replaced by the null label with this probability,
+  # so one network learns the conditional and the unconditional model (classifier-free guidance)
+  training.label_dropout = 0.0
   # >1 runs that many steps in one lax.scan per dispatch (for TPUs/GPUs with a slow host; not on
   # CPU, where XLA runs the backward pass of a loop body far slower than the same step dispatched
   # alone)
@@ -80,6 +86,13 @@ def get_config():
   # num_steps -1 or their sum)
   sampling.spacing = "uniform"
   sampling.eta = 0.0  # DDIM only: 0 deterministic, 1 ancestral-like noise
+  # conditional models: the label of each sample. "all": sample i has label i % num_classes (an
+  # equal share of each class); "grid": one row per class (row k = class k); or class ids "3" or
+  # "1,7,7" (sample i has the (i mod n)-th)
+  sampling.labels = "all"
+  # classifier-free guidance w (Ho & Salimans 2022): eps = (1 + w) eps(x, y) - w eps(x, null);
+  # 0: plain conditional sampling
+  sampling.guidance_scale = 0.0
 
   # The paper's interpolations (Section 4.4), --mode=interpolate.
   config.interpolation = interpolation = ml_collections.ConfigDict()

@@ -1,18 +1,22 @@
 """--mode=sample: EMA samples of a checkpoint as samples.npz, a grid, and the paper's progressive
-pictures (Figure 6), in a new folder that names the checkpoint, the count, the seed and the sampler.
+pictures (Figure 6), in a new folder that names the checkpoint, the count, the seed and the sampler
+(for a conditional model also the labels and the guidance scale w).
 """
 
 import jax
+import numpy as np
 from absl import logging
 
 from ddpm_jax import checkpoint
 from ddpm_jax import images
+from ddpm_jax import labels as labels_lib
 from ddpm_jax import parallel
 from ddpm_jax import sampling
 from ddpm_jax import state as state_lib
 from ddpm_jax import storage
 from ddpm_jax import streams
 from ddpm_jax import validation
+from ddpm_jax.models import unet
 
 
 def sample_key(config) -> jax.Array:
@@ -28,8 +32,8 @@ def folder_name(config, step: int) -> str:
 
 def dump_samples(config, workdir: str) -> str | None:
   """Writes config.sampling.num_samples EMA samples of a checkpoint as samples.npz (uint8 NHWC under
-  `arr_0`), grid.png, the progressive pictures (x_t chain and predicted x_0) and sampler.json.
-  Returns the folder (on process 0; None elsewhere)."""
+  `arr_0`; a conditional model's labels under `arr_1`), grid.png, the progressive pictures (x_t
+  chain and predicted x_0) and sampler.json. Returns the folder (on process 0; None elsewhere)."""
   validation.check(config, mode="sample")
   c = config.sampling
   built = state_lib.build(config)
@@ -61,12 +65,22 @@ def dump_samples(config, workdir: str) -> str | None:
   if jax.process_index() != 0:
     return None
   out = storage.fresh_path(storage.join(workdir, "samples", folder_name(config, step)))
-  storage.save_npz(storage.join(out, "samples.npz"), arr_0=samples)
+  table = sampling.config_label_table(config)
+  if table is None:
+    storage.save_npz(storage.join(out, "samples.npz"), arr_0=samples)
+  else:  # the requested labels as arr_1 (guided-diffusion's convention)
+    storage.save_npz(
+      storage.join(out, "samples.npz"),
+      arr_0=samples,
+      arr_1=labels_lib.of_ids(table, np.arange(c.num_samples)),
+    )
   storage.write_json(
     storage.join(out, "sampler.json"),
     dict(sampling.record(config), step=step, num_samples=c.num_samples, seed=int(config.seed)),
   )
-  images.save_png(storage.join(out, "grid.png"), images.make_grid(samples[:256]))
+  images.save_png(
+    storage.join(out, "grid.png"), images.make_grid(samples[:256], ncols=_grid_columns(config))
+  )
   if chain is not None:
     images.save_png(storage.join(out, "progressive_x0.png"), images.chain_grid(chain.pred_xstart))
     images.save_png(storage.join(out, "chain_xt.png"), images.chain_grid(chain.x))
@@ -80,6 +94,14 @@ def dump_samples(config, workdir: str) -> str | None:
     ", progressive_x0.png, chain_xt.png" if chain is not None else "",
   )
   return out
+
+
+def _grid_columns(config) -> int | None:
+  """A class grid's columns (row k = class k) when config.sampling.labels = 'grid', else None."""
+  num_classes = unet.num_classes(config.model)
+  if not num_classes or str(config.sampling.get("labels", "all")).strip() != "grid":
+    return None
+  return labels_lib.grid_columns(num_classes, config.sampling.num_samples)
 
 
 def _chain(config, built, mesh, params) -> sampling.Chain:

@@ -314,7 +314,12 @@ class Upsample(nn.Module):
 
 
 class UNet(nn.Module):
-  """The DDPM U-Net: x [B,H,W,C] in [-1,1] and integer t [B] -> float32 [B,H,W,out_ch]."""
+  """The DDPM U-Net: x [B,H,W,C] in [-1,1] and integer t [B] -> float32 [B,H,W,out_ch].
+
+  With num_classes > 0 it is class-conditional: a learned embedding of the label y [B] in
+  [0, num_classes] (num_classes itself is the null label, "no class": Ho & Salimans 2022) is added
+  to the timestep embedding after its MLP, as diffusers' UNet2DModel does with num_class_embeds.
+  """
 
   ch: int
   out_ch: int
@@ -326,15 +331,19 @@ class UNet(nn.Module):
   dtype: Any = jnp.float32
   # recompute each block's activations in the backward pass (memory for compute)
   remat: bool = False
+  num_classes: int = 0  # 0: unconditional (the paper's model, no class embedding)
 
   @nn.compact
-  def __call__(self, x, t, *, train: bool, dropout_keys=None):
-    """dropout_keys [B]: one key per example for its dropout masks (else the 'dropout' rng is
-    used)."""
+  def __call__(self, x, t, y=None, *, train: bool, dropout_keys=None):
+    """y [B]: class labels of a conditional model (None: the null label); dropout_keys [B]: one key
+    per example for its dropout masks (else the 'dropout' rng is used)."""
     b, height, width, _ = x.shape
     assert t.shape == (b,), (t.shape, x.shape)
     assert height == width and height % 2 ** (len(self.ch_mult) - 1) == 0, x.shape
+    assert y is None or self.num_classes, "labels given to an unconditional U-Net"
     temb = self._time_embedding(t)
+    if self.num_classes:
+      temb = temb + self._class_embedding(y, b)
     h = _conv(self.ch, name="conv_in", dtype=self.dtype)(x.astype(self.dtype))
     mode = (train, dropout_keys)  # what every ResNet block gets after (h, temb)
     h, skips = self._down(h, temb, mode=mode)
@@ -350,6 +359,21 @@ class UNet(nn.Module):
     temb = timestep_embedding(t, self.ch).astype(self.dtype)
     temb = _dense(4 * self.ch, name="temb_dense0", dtype=self.dtype)(temb)
     return _dense(4 * self.ch, name="temb_dense1", dtype=self.dtype)(nn.swish(temb))
+
+  def _class_embedding(self, y, batch: int):
+    """Embedding [B, 4ch] of labels y [B] (None: the null label num_classes); N(0, 1) init, as
+    torch.nn.Embedding (diffusers' class_embedding)."""
+    if y is None:
+      y = jnp.full((batch,), self.num_classes, jnp.int32)
+    assert y.shape == (batch,), (y.shape, batch)
+    embed = nn.Embed(
+      self.num_classes + 1,
+      4 * self.ch,
+      dtype=self.dtype,
+      embedding_init=nn.initializers.normal(stddev=1.0),
+      name="class_embed",
+    )
+    return embed(y)
 
   def _down(self, h, temb, *, mode):
     """The downsampling path; returns h and every intermediate output, kept as skips."""
@@ -463,7 +487,13 @@ def create_model(
     resamp_with_conv=bool(model_config.resamp_with_conv),
     dtype=DTYPES[model_config.dtype],
     remat=bool(model_config.get("remat", False)),
+    num_classes=num_classes(model_config),
   )
+
+
+def num_classes(model_config) -> int:
+  """config.model.num_classes (0, unconditional, in configs saved before the key existed)."""
+  return int(model_config.get("num_classes", 0))
 
 
 def count_params(params) -> int:
