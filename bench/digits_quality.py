@@ -38,6 +38,25 @@ def to_8x8(images_uint8):
   return np.stack(small).reshape(len(small), -1) * 16.0 / 255.0
 
 
+def classifier():
+  """The judge: logistic regression on 70% of the real 8x8 digits; returns it, the other 30% as
+  16x16 uint8 images (through the same 16x16 round trip as the samples) and their labels."""
+  digits = datasets.load_digits()
+  x_train, x_test, y_train, y_test = model_selection.train_test_split(
+    digits.data, digits.target, test_size=0.3, random_state=0
+  )
+  clf = linear_model.LogisticRegression(max_iter=5000).fit(x_train, y_train)
+  real16 = np.stack(
+    [
+      np.asarray(
+        Image.fromarray(np.uint8(x.reshape(8, 8) * 255 / 16)).resize((16, 16), Image.BILINEAR)
+      )
+      for x in x_test
+    ]
+  )[..., None]
+  return clf, real16, y_test
+
+
 def main(workdir, num_samples, *, sampling_overrides):
   config = ConfigDict(checkpoint.read_config(workdir))
   for name, value in sampling_overrides.items():
@@ -52,20 +71,7 @@ def main(workdir, num_samples, *, sampling_overrides):
     fn, params, key=jax.random.key(123), num_samples=num_samples, batch_size=100, mesh=mesh
   )
   per_second = num_samples / (time.perf_counter() - start)
-  digits = datasets.load_digits()
-  x_train, x_test, y_train, _ = model_selection.train_test_split(
-    digits.data, digits.target, test_size=0.3, random_state=0
-  )
-  clf = linear_model.LogisticRegression(max_iter=5000).fit(x_train, y_train)
-  # Real digits pass through the same 16x16 round trip as the samples.
-  real16 = np.stack(
-    [
-      np.asarray(
-        Image.fromarray(np.uint8(x.reshape(8, 8) * 255 / 16)).resize((16, 16), Image.BILINEAR)
-      )
-      for x in x_test
-    ]
-  )[..., None]
+  clf, real16, _ = classifier()
   rows = []
   for name, feats in (
     ("real (held out)", to_8x8(real16)),

@@ -105,9 +105,10 @@ def _check_mean_type(mean_type: str, timesteps, num_timesteps: int):
     )
 
 
-def record(config) -> dict:
+def record(config, *, labels=None) -> dict:
   """What results record about a config's sampler, and what names their folders: method, number of
-  steps, and the spacing (when not every step is kept) and eta (DDIM) that change the samples."""
+  steps, and the spacing (when not every step is kept) and eta (DDIM) that change the samples; for
+  a conditional model the labels (`labels`, else config.sampling.labels) and guidance scale."""
   T = int(config.diffusion.num_timesteps)
   options = sampler_options(config.sampling, T, mean_type=config.diffusion.mean_type)
   out = {"method": options["method"], "num_steps": int(len(options["timesteps"]))}
@@ -116,7 +117,8 @@ def record(config) -> dict:
   if options["method"] == "ddim":
     out["eta"] = options["eta"]
   if unet.num_classes(config.model):
-    out["labels"] = labels_lib.describe(config.sampling.get("labels", "all"))
+    spec = config.sampling.get("labels", "all") if labels is None else labels
+    out["labels"] = labels_lib.describe(spec)
     out["guidance_scale"] = float(config.sampling.get("guidance_scale", 0.0))
   return out
 

@@ -1,5 +1,6 @@
 """--mode=bpd: the variational bound on the NLL in bits/dim (the paper's Table 2) of a checkpoint's
-EMA parameters, over the first `num_examples` images of a split.
+EMA parameters, over the first `num_examples` images of a split (for a class-conditional model, of
+p(x | y) at each image's true label y).
 
 Resumable: each batch's terms are stored as a part under WORKDIR/eval, and example i's noise is a
 function of the seed and i only, so a resumed run gives the numbers of an uninterrupted one.
@@ -23,27 +24,31 @@ from ddpm_jax import storage
 from ddpm_jax import streams
 from ddpm_jax import validation
 from ddpm_jax.evaluation import results
+from ddpm_jax.models import unet
 
 
 def make_bpd_fn(d: dm.Diffusion, model, mesh, *, clip_denoised: bool):
-  """Returns `bpd(params, key, images_uint8, ids) -> (terms [B, T], prior [B], mse [B, T])`,
-  sharded.
+  """Returns `bpd(params, key, batch, ids) -> (terms [B, T], prior [B], mse [B, T])`, sharded;
+  batch is uint8 images, or for a conditional model {"image", "label"}: the bound of p(x | y) at
+  the true label y.
 
   One compiled `calc_bpd_loop` (a scan over t) per batch; example i draws its noise from
   fold_in(key, i), so its terms do not depend on the batch it is in, the batch size or the number of
   devices.
   """
 
-  def per_device(params, key, images_uint8, ids):
-    model_fn = lambda x_t, t: model.apply(params, x_t, t, train=False)
+  def per_device(params, key, batch, ids):
+    images_uint8, y = (batch["image"], batch["label"]) if isinstance(batch, dict) else (batch, None)
 
-    def one(x, i):
+    def one(x, i, label):
+      label = None if label is None else label[None]
+      model_fn = lambda x_t, t: model.apply(params, x_t, t, label, train=False)
       r = dm.calc_bpd_loop(
         d, model_fn, x_start=x[None], key=jax.random.fold_in(key, i), clip_denoised=clip_denoised
       )
       return r.terms_bpd[0], r.prior_bpd[0], r.mse[0]
 
-    return jax.vmap(one)(images.to_model_input(images_uint8), ids)
+    return jax.vmap(one)(images.to_model_input(images_uint8), ids, y)
 
   batch = P(parallel.AXIS)
   return parallel.data_parallel(
@@ -51,16 +56,22 @@ def make_bpd_fn(d: dm.Diffusion, model, mesh, *, clip_denoised: bool):
   )
 
 
-def _part(bpd_fn, params, key, batch_uint8, *, start: int, batch_size: int, mesh) -> dict:
-  """The bound of one batch (padded to batch_size, the padding dropped): per-example and per-t
-  sums."""
-  n = len(batch_uint8)
-  padded = np.zeros((batch_size,) + batch_uint8.shape[1:], np.uint8)
-  padded[:n] = batch_uint8
+def _pad(array: np.ndarray, size: int) -> np.ndarray:
+  padded = np.zeros((size,) + array.shape[1:], array.dtype)
+  padded[: len(array)] = array
+  return padded
+
+
+def _part(bpd_fn, params, key, batch, *, start: int, batch_size: int, mesh) -> dict:
+  """The bound of one batch (uint8 images, or {"image", "label"}; padded to batch_size, the
+  padding dropped): per-example and per-t sums."""
+  n = len(jax.tree.leaves(batch)[0])
+  device_batch = jax.tree.map(
+    lambda a: parallel.global_batch(parallel.process_rows(_pad(a, batch_size)), mesh), batch
+  )
   ids = sampling.sample_ids(start, batch_size, mesh)
   terms, prior, mse = (
-    parallel.to_host(a)[:n].astype(np.float64)
-    for a in bpd_fn(params, key, parallel.global_batch(parallel.process_rows(padded), mesh), ids)
+    parallel.to_host(a)[:n].astype(np.float64) for a in bpd_fn(params, key, device_batch, ids)
   )
   return dict(
     total=terms.sum(axis=1) + prior,
@@ -82,7 +93,7 @@ def settings(config, step: int) -> dict:
     "dataset": config.data.dataset,
     "image_size": int(config.data.image_size),
     "num_timesteps": int(config.diffusion.num_timesteps),
-  }
+  } | ({"conditional_on": "true labels"} if unet.num_classes(config.model) else {})
 
 
 def summary(parts: list[dict], *, settings: dict) -> dict:  # pylint: disable=redefined-outer-name
@@ -127,7 +138,11 @@ class BpdEvaluator:
 
   def prepare(self) -> None:
     """Reads the split's size now: an unknown split fails before any checkpoint is read."""
-    data.load_images(self.config.data, split=self.config.evaluation.split)
+    data.load_images(
+      self.config.data,
+      split=self.config.evaluation.split,
+      num_classes=self.built.model.num_classes,
+    )
 
   def run(self, params, step: int) -> str:
     """Writes eval/bpd_<step>_<split>.json (+ .png) and TensorBoard scalars; returns the JSON
@@ -156,17 +171,22 @@ class BpdEvaluator:
     ev = self.config.evaluation
     key = streams.key(self.config.seed, streams.BPD)
     batches = data.eval_batches(
-      self.config.data, split=ev.split, batch_size=ev.batch_size, num_examples=ev.num_examples
+      self.config.data,
+      split=ev.split,
+      batch_size=ev.batch_size,
+      num_examples=ev.num_examples,
+      num_classes=self.built.model.num_classes,
     )
     parts, start, resumed = [], 0, 0
     with tqdm.tqdm(
       total=ev.num_examples, unit="img", desc="bits/dim", disable=jax.process_index() != 0
     ) as bar:
       for batch in batches:
-        path = storage.join(parts_dir, f"examples_{start:07d}_{start + len(batch):07d}.npz")
+        size = len(jax.tree.leaves(batch)[0])
+        path = storage.join(parts_dir, f"examples_{start:07d}_{start + size:07d}.npz")
         if storage.exists(path):
           part = storage.load_npz(path)
-          resumed += len(batch)
+          resumed += size
         else:
           part = _part(
             self._fn, params, key, batch, start=start, batch_size=ev.batch_size, mesh=self.mesh
@@ -174,8 +194,8 @@ class BpdEvaluator:
           if jax.process_index() == 0:
             storage.save_npz(path, **part)
         parts.append(part)
-        start += len(batch)
-        bar.update(len(batch))
+        start += size
+        bar.update(size)
         bar.set_postfix(bpd=f"{np.concatenate([p['total'] for p in parts]).mean():.4f}")
     if resumed:
       logging.info("Resumed: %d of %d images were already done in %s.", resumed, start, parts_dir)

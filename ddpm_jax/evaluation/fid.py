@@ -12,7 +12,9 @@ Conventions (recorded in every result file):
   paper's (TF-GAN's score over all samples at once).
 
 Samples are drawn chunk by chunk into WORKDIR/eval (resumable: a rerun keeps every finished chunk),
-and sample i depends only on the seed and i, as in --mode=sample.
+and sample i depends only on the seed and i, as in --mode=sample. A class-conditional model's
+samples are class-balanced (sample i asks for class i % num_classes) and guided with
+config.sampling.guidance_scale; both are recorded.
 """
 
 import hashlib
@@ -38,6 +40,7 @@ from ddpm_jax.metrics import fid as fid_lib
 from ddpm_jax.metrics import inception
 
 FID_INPUTS = ("uint8", "float")
+FID_LABELS = "all"  # a conditional model's FID samples: an equal share of each class
 _HOW_TO_GET_WEIGHTS = (
   "get the standard weights file and convert it once with `python -m "
   "ddpm_jax.metrics.convert_inception SRC OUT.npz` (docs/evaluation.md, 'Inception weights')"
@@ -91,6 +94,11 @@ class FidEvaluator:
     self.config, self.workdir, self.built, self.mesh = config, workdir, built, mesh
     self.scalars = scalars
     self._sample_fn = self._inception = None
+
+  def sampler_record(self) -> dict:
+    """The sampler's record; a conditional model's FID samples are class-balanced (labels 'all':
+    sample i asks for class i % num_classes)."""
+    return sampling.record(self.config, labels=FID_LABELS)
 
   def prepare(self) -> None:
     """Loads the Inception weights and sizes each reference split now: a missing file or an unknown
@@ -220,7 +228,7 @@ class FidEvaluator:
   def samples_dir(self, step: int) -> str:
     """eval/fid_<step>_<sampler>_seed<seed> (+ '_float' for unrounded samples)."""
     ev = self.config.evaluation
-    tag = sampling.tag(sampling.record(self.config))
+    tag = sampling.tag(self.sampler_record())
     suffix = "" if ev.fid_input == "uint8" else f"_{ev.fid_input}"
     return storage.join(
       results.eval_dir(self.workdir), f"fid_{step}_{tag}_seed{self.config.seed}{suffix}"
@@ -234,7 +242,7 @@ class FidEvaluator:
     settings = {
       "step": step,
       "seed": int(self.config.seed),
-      "sampler": sampling.record(self.config),
+      "sampler": self.sampler_record(),
       "clip_denoised": bool(c.clip_denoised),
       "image_shape": list(state_lib.image_shape(self.config)),
     }
@@ -261,7 +269,11 @@ class FidEvaluator:
     if todo:
       if self._sample_fn is None:
         self._sample_fn = sampling.from_config(
-          self.config, self.built, self.mesh, as_uint8=ev.fid_input == "uint8"
+          self.config,
+          self.built,
+          self.mesh,
+          as_uint8=ev.fid_input == "uint8",
+          label_table=sampling.config_label_table(self.config, spec=FID_LABELS),
         )
       with tqdm.tqdm(
         total=todo, unit="img", desc="sampling", disable=jax.process_index() != 0
@@ -307,7 +319,7 @@ class FidEvaluator:
           grid.extend(np.round(chunk[: 100 - len(grid)]).astype(np.uint8))
         yield parallel.process_rows(chunk)
 
-    record = sampling.record(self.config)
+    record = self.sampler_record()
     meta = {
       "dataset": "samples",
       "step": step,
