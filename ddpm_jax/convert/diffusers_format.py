@@ -47,6 +47,7 @@ _TOP_LEVEL_NAMES = {
   "mid_block_1": "mid_block.resnets.0",
   "mid_attn": "mid_block.attentions.0",
   "mid_block_2": "mid_block.resnets.1",
+  "class_embed": "class_embedding",
 }
 # The attention key names of older diffusers files (e.g. the Hub's google/ddpm-cifar10-32).
 _LEGACY_ATTN_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
@@ -147,12 +148,15 @@ def diffusers_key(path, num_levels) -> str:
       _ATTN_NAMES if "attn" in module else _RESNET_NAMES if "block" in module else {"conv": "conv"}
     )
     names.append(table[name])
-  names.append({"kernel": "weight", "scale": "weight", "bias": "bias"}[leaf])
+  names.append({"kernel": "weight", "scale": "weight", "bias": "bias", "embedding": "weight"}[leaf])
   return ".".join(names)
 
 
-def _to_flax_layout(value, rank):
-  """Torch layout -> Flax layout: conv OIHW -> HWIO, linear (or 1x1 conv) [out, in] -> [in, out]."""
+def _to_flax_layout(value, rank, leaf=None):
+  """Torch layout -> Flax layout: conv OIHW -> HWIO, linear (or 1x1 conv) [out, in] -> [in, out];
+  an embedding table [classes, dim] is the same in both."""
+  if leaf == "embedding":
+    return value
   if rank == 4 and value.ndim == 4:
     return value.transpose(2, 3, 1, 0)
   if rank == 2 and value.ndim in (2, 4) and value.shape[2:] in ((), (1, 1)):
@@ -165,6 +169,8 @@ def _to_torch_layout(path, value):
   layers Linear."""
   if value.ndim == 4:
     return value.transpose(3, 2, 0, 1)
+  if path[-1] == "embedding":  # nn.Embed and torch.nn.Embedding: both [classes, dim]
+    return value
   if value.ndim == 2:
     return value.T[:, :, None, None] if path[-2] == "nin_shortcut" else value.T
   return value
@@ -219,7 +225,11 @@ def diffusers_unet_config(model_config, *, image_size, num_channels, learned_var
   )
   down = tuple("AttnDownBlock2D" if lvl in attn else "DownBlock2D" for lvl in range(num_levels))
   up = tuple("AttnUpBlock2D" if lvl in attn else "UpBlock2D" for lvl in reversed(range(num_levels)))
+  # A conditional model's labels 0 .. K-1 and the null label K: K + 1 rows of class_embedding,
+  # added to the timestep embedding after its MLP in both networks.
+  classes = {"num_class_embeds": model.num_classes + 1} if model.num_classes else {}
   return dict(
+    **classes,
     sample_size=image_size,
     in_channels=num_channels,
     out_channels=model.out_ch,
@@ -254,6 +264,9 @@ def check_unet_config(unet_config: dict, *, path: str) -> None:
   settings = {
     key: unet_config.get(key, DIFFUSERS_DEFAULTS.get(key)) for key in _FIXED_UNET_SETTINGS
   }
+  # a learned class embedding table (class_embed_type None) is this U-Net's model.num_classes
+  if isinstance(settings["num_class_embeds"], int) and settings["class_embed_type"] is None:
+    settings["num_class_embeds"] = None
   diffs = [
     f"{key}={settings[key]!r}{'' if key in unet_config else ' (absent: diffusers default)'} "
     f"(the official U-Net has {value!r})"

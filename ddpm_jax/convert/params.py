@@ -27,9 +27,8 @@ class Source(NamedTuple):
   description: str  # what the weights are, for messages: "the TF checkpoint /x/model.ckpt-10"
   arrays: dict  # foreign name -> numpy array in the foreign layout
   name_of: Callable[[tuple, int], str]  # (our param path, number of U-Net levels) -> foreign name
-  to_flax: Callable[
-    [np.ndarray, int], np.ndarray
-  ]  # (foreign array, rank of our param) -> our layout
+  # (foreign array, rank of our param, its leaf name e.g. 'kernel' or 'embedding') -> our layout
+  to_flax: Callable[[np.ndarray, int, str], np.ndarray]
 
 
 class ModelShape(NamedTuple):
@@ -42,6 +41,7 @@ class ModelShape(NamedTuple):
   num_channels: int  # image channels in
   out_channels: int  # C, or 2C for learned variances
   resamp_with_conv: bool
+  num_classes: int = 0  # class embeddings less the null label; 0: unconditional
 
 
 def _capitalized(text: str) -> str:
@@ -61,7 +61,7 @@ def _names_list(names) -> str:
 def _get(source: Source, path, *, rank: int, num_levels: int = 1):
   """The array at one of our param paths in our layout, or None when the source lacks it."""
   value = source.arrays.get(source.name_of(path, num_levels))
-  return None if value is None else source.to_flax(value, rank)
+  return None if value is None else source.to_flax(value, rank, path[-1])
 
 
 def _count(exists) -> int:
@@ -108,7 +108,9 @@ def infer_shape(source: Source) -> ModelShape:
   with_conv = (
     num_levels == 1 or _get(source, ("down_0_downsample", "conv", "kernel"), rank=4) is not None
   )
+  class_embed = _get(source, ("class_embed", "embedding"), rank=2)
   return ModelShape(
+    num_classes=0 if class_embed is None else class_embed.shape[0] - 1,
     ch=ch,
     ch_mult=tuple(w // ch for w in widths),
     num_res_blocks=num_res_blocks,
@@ -147,6 +149,7 @@ def check_against_config(
     "model.attn_resolutions": tuple(size // 2**level for level in shape.attention_levels),
     "model.resamp_with_conv": shape.resamp_with_conv,
     "data.num_channels": c,
+    "model.num_classes": shape.num_classes,
   }
   wanted = {
     "model.ch": config.model.ch,
@@ -155,6 +158,7 @@ def check_against_config(
     "model.attn_resolutions": _config_attention_resolutions(config),
     "model.resamp_with_conv": bool(config.model.resamp_with_conv),
     "data.num_channels": config.data.num_channels,
+    "model.num_classes": unet_lib.num_classes(config.model),
   }
   if image_size is not None:
     found["data.image_size"], wanted["data.image_size"] = image_size, config.data.image_size
@@ -235,7 +239,7 @@ def params_from_source(source: Source, *, model) -> dict:
     )
   params, misfits = {}, []
   for path, leaf in expected.items():
-    value = source.to_flax(source.arrays[names[path]], len(leaf.shape))
+    value = source.to_flax(source.arrays[names[path]], len(leaf.shape), path[-1])
     if value.shape != leaf.shape:
       misfits.append(
         f"{names[path]!r} has shape {source.arrays[names[path]].shape}, which does not fit the "

@@ -1,0 +1,430 @@
+"""Class-conditional models and classifier-free guidance (Ho & Salimans 2022): the class embedding,
+label dropout, labels from every data source, guided sampling, the class grid, conditional
+evaluation, and the diffusers UNet2DModel with num_class_embeds.
+
+One tiny conditional workdir (2 training steps) is shared by the tests that need a checkpoint.
+"""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import UNet2DModel
+from PIL import Image
+
+from conftest import tiny_config
+from ddpm_jax import checkpoint
+from ddpm_jax import data
+from ddpm_jax import diffusion as dm
+from ddpm_jax import labels as labels_lib
+from ddpm_jax import parallel
+from ddpm_jax import respace
+from ddpm_jax import sampling
+from ddpm_jax import state as state_lib
+from ddpm_jax import train
+from ddpm_jax import validation
+from ddpm_jax.convert import workdir as convert_workdir
+from ddpm_jax.errors import ConfigError
+from ddpm_jax.evaluation import bpd
+from ddpm_jax.evaluation import samples as samples_lib
+from ddpm_jax.models import unet
+
+K = 10  # the digits' classes
+
+
+def cond_config(**overrides):
+  return tiny_config(
+    model__num_classes=K, training__label_dropout=0.1, training__num_steps=2, **overrides
+  )
+
+
+@pytest.fixture(scope="module")
+def fixed():
+  """(model, diffusion, params) of the tiny conditional U-Net with every weight moved off its
+  (near-zero) initialisation, so outputs and their dependence on the label are O(1)."""
+  built = state_lib.build(cond_config())
+  params = state_lib.init_state(built.model, built.tx, seed=0, shape=(8, 8, 1)).params
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  leaves = [p + 0.2 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)]
+  return built.model, built.diffusion, jax.tree.unflatten(tree, leaves)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  """A tiny conditional run: 2 steps on the labeled digits, checkpoint and class grid."""
+  path = tmp_path_factory.mktemp("cond") / "run"
+  train.train(cond_config(), str(path))
+  return path
+
+
+def batch_inputs(batch=4):
+  x = jax.random.normal(jax.random.key(2), (batch, 8, 8, 1))
+  t = jnp.arange(batch, dtype=jnp.int32) * 2
+  y = jnp.arange(batch, dtype=jnp.int32) % K
+  return x, t, y
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+def test_unconditional_model_is_unchanged():
+  """num_classes = 0 (the default) builds the paper's U-Net: no class embedding, the same
+  parameter count as before the option existed, and labels are refused."""
+  built = state_lib.build(tiny_config())
+  params = state_lib.init_state(built.model, built.tx, seed=0, shape=(8, 8, 1)).params
+  assert built.model.num_classes == 0 and "class_embed" not in params["params"]
+  assert unet.count_params(params) == 701_345
+  cond = state_lib.build(cond_config()).model
+  cond_params = jax.eval_shape(
+    lambda: cond.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32))
+  )
+  assert unet.count_params(cond_params) == 701_345 + (K + 1) * 4 * 32
+
+
+def test_label_changes_the_output_and_none_is_the_null_label(fixed):
+  model, _, params = fixed
+  x, t, y = batch_inputs()
+  apply = lambda labels: model.apply(params, x, t, labels, train=False)
+  assert float(jnp.abs(apply(y) - apply((y + 1) % K)).max()) > 1e-3
+  np.testing.assert_array_equal(apply(None), apply(jnp.full_like(y, K)))
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_label_dropout_rate_and_per_example_draws():
+  step_key = jax.random.key(7)
+  ids = jnp.arange(4000, dtype=jnp.int32)
+  y = ids % K
+  dropped = train.drop_labels(step_key, ids, y, rate=0.25, null_label=K)
+  is_null = np.asarray(dropped == K)
+  assert abs(is_null.mean() - 0.25) < 0.03, is_null.mean()
+  np.testing.assert_array_equal(np.asarray(dropped)[~is_null], np.asarray(y)[~is_null])
+  # example i's draw depends on its id only (not on the batch or device it is in)
+  part = train.drop_labels(step_key, ids[1000:1100], y[1000:1100], rate=0.25, null_label=K)
+  np.testing.assert_array_equal(part, dropped[1000:1100])
+  assert train.drop_labels(step_key, ids, y, rate=0.0, null_label=K) is y
+
+
+def test_training_writes_a_class_grid(workdir):
+  """The training grid of a conditional model is a class grid: num_grid_samples = 4 over 10
+  classes is one column, rows 0..3."""
+  grid = np.asarray(Image.open(workdir / "samples" / "step_2.png"))
+  factor = math.ceil(512 / (8 + 2 * 2))  # save_png enlarges to >= 512 pixels wide
+  assert grid.shape[:2] == ((4 * (8 + 2) + 2) * factor, (8 + 2 * 2) * factor)
+
+
+# ----------------------------------------------------------------------------- labels of the data
+
+
+def test_digits_labels_are_scikit_learn_targets():
+  from sklearn import datasets  # pylint: disable=g-import-not-at-top
+
+  source = data.load_images(tiny_config().data, split="train", num_classes=K)
+  target = datasets.load_digits().target
+  for i in (0, 1, 500, 1796):
+    example = source[i]
+    assert example["label"] == target[i] and example["label"].dtype == np.int32
+    np.testing.assert_array_equal(example["image"], data._digits(8)[i])
+  it = data.train_iterator(tiny_config().data, global_batch_size=8, seed=0, num_classes=K)
+  batch = next(it)
+  assert batch["image"].shape == (8, 8, 8, 1) and batch["label"].shape == (8,)
+  images = data._digits(8).reshape(len(target), -1)
+  for image, label in zip(batch["image"], batch["label"]):
+    (index,) = np.flatnonzero((images == image.reshape(1, -1)).all(axis=1))[:1]
+    assert target[index] == label
+  plain = next(data.train_iterator(tiny_config().data, global_batch_size=8, seed=0))
+  np.testing.assert_array_equal(plain, batch["image"])  # unconditional runs see the same images
+
+
+def test_image_folder_classes_are_sorted_sub_folders(tmp_path):
+  for name, value in (("zebra", 200), ("apple", 50), ("mango", 120)):
+    (tmp_path / "imgs" / name).mkdir(parents=True)
+    for i in range(3):
+      Image.fromarray(np.full((8, 8), value + i, np.uint8)).save(
+        tmp_path / "imgs" / name / f"{i}.png"
+      )
+  config = tiny_config(data__dataset="image_folder", data__image_folder=str(tmp_path / "imgs"))
+  source = data.load_images(config.data, split="train", num_classes=3)
+  by_label = {int(source[i]["label"]): int(source[i]["image"].min()) // 10 for i in range(9)}
+  assert by_label == {0: 5, 1: 12, 2: 20}  # apple, mango, zebra
+  with pytest.raises(data.DatasetError, match="has 3 classes but config.model.num_classes = 4"):
+    data.load_images(config.data, split="train", num_classes=4)
+  Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "imgs" / "loose.png")
+  with pytest.raises(data.DatasetError, match="loose.png is not in a sub-folder"):
+    data.load_images(config.data, split="train", num_classes=3)
+
+
+def test_image_folder_classes_json(tmp_path):
+  for name in ("b", "a"):
+    (tmp_path / "imgs" / name).mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "imgs" / name / "0.png")
+  config = cond_config(data__dataset="image_folder", data__image_folder=str(tmp_path / "imgs"))
+  train._write_classes(config, str(tmp_path / "wd"))
+  assert json.loads((tmp_path / "wd" / "classes.json").read_text()) == {"class_names": ["a", "b"]}
+
+
+def test_tfds_cifar10_labels(tmp_path):
+  tfds = data._import_tfds()
+  config = tiny_config(
+    data__dataset="cifar10", data__tfds_data_dir=str(tmp_path), data__num_channels=3
+  )
+  with tfds.testing.mock_data(num_examples=20):
+    batch = next(data.train_iterator(config.data, global_batch_size=8, seed=0, num_classes=10))
+    raw = tfds.data_source("cifar10", split="train", data_dir=str(tmp_path))
+    source = data.load_images(config.data, split="train", num_classes=10)
+    assert [int(source[i]["label"]) for i in range(5)] == [int(raw[i]["label"]) for i in range(5)]
+    with pytest.raises(data.DatasetError, match="has 10 classes"):
+      data.load_images(config.data, split="train", num_classes=3)
+  assert batch["image"].shape == (8, 8, 8, 3) and batch["label"].dtype == np.int32
+  assert ((batch["label"] >= 0) & (batch["label"] < 10)).all()
+
+
+@pytest.mark.parametrize(
+  "overrides, match",
+  [
+    (dict(data__dataset="celeb_a_hq", data__num_channels=3), "'celeb_a_hq' has none"),
+    (dict(data__dataset="lsun/church_outdoor", data__num_channels=3), "has none"),
+    (dict(model__num_classes=7), "must be 10, the classes of 'digits'"),
+    (dict(training__label_dropout=1.0), "label_dropout = 1.0 must be in"),
+    (dict(sampling__labels="1,12"), "holds class 12, outside"),
+    (dict(sampling__labels="some"), "must be 'all', 'grid' or class ids"),
+    (dict(sampling__guidance_scale=-1.0), "guidance_scale = -1.0 must be"),
+  ],
+)
+def test_conditional_config_errors_are_one_sentence(overrides, match):
+  config = cond_config()
+  for dotted, value in overrides.items():
+    section, key = dotted.split("__")
+    config[section][key] = value
+  with pytest.raises(ConfigError, match=match):
+    validation.validate(config, mode="train")
+
+
+def test_guidance_needs_a_conditional_model():
+  with pytest.raises(ConfigError, match="needs a conditional model"):
+    validation.validate(tiny_config(sampling__guidance_scale=1.0), mode="sample")
+
+
+# ----------------------------------------------------------------------------- labels of samples
+
+
+def test_label_specs_and_class_grid_layout():
+  np.testing.assert_array_equal(labels_lib.table("all", num_classes=3, num_samples=7), [0, 1, 2])
+  grid = labels_lib.table("grid", num_classes=3, num_samples=7)
+  assert labels_lib.grid_columns(3, 7) == 3
+  np.testing.assert_array_equal(grid, [0, 0, 0, 1, 1, 1, 2, 2, 2])  # row k (3 columns) = class k
+  np.testing.assert_array_equal(labels_lib.of_ids(grid, np.arange(7)), [0, 0, 0, 1, 1, 1, 2])
+  listed = labels_lib.table("2, 0", num_classes=3, num_samples=7)
+  np.testing.assert_array_equal(labels_lib.of_ids(listed, np.arange(5)), [2, 0, 2, 0, 2])
+  assert labels_lib.describe("1,7,7") == "1-7-7"
+
+
+def test_guidance_formula_in_one_batched_forward(fixed):
+  """(1 + w) eps(x, y) - w eps(x, null) by hand, and the guided function calls the network once on
+  the doubled batch; learned variances (the extra channels) come from the conditional half."""
+  model, _, params = fixed
+  x, t, y = batch_inputs()
+  w = 3.0
+  cond = model.apply(params, x, t, y, train=False)
+  uncond = model.apply(params, x, t, jnp.full_like(y, K), train=False)
+  guided = sampling.guided_model_fn(model, guidance_scale=w)(params, x, t, y)
+  np.testing.assert_allclose(guided, (1 + w) * cond - w * uncond, atol=2e-5, rtol=1e-5)
+  assert float(jnp.abs(guided - cond).max()) > 1e-2
+
+  calls = []
+
+  class Recorder:
+    num_classes = K
+
+    def apply(self, params, x, t, y, train):
+      calls.append((x.shape[0], np.asarray(y)))
+      return jnp.concatenate([x * (y[:, None, None, None] + 1.0), x], axis=-1)  # "eps", "var"
+
+  out = sampling.guided_model_fn(Recorder(), guidance_scale=w)(None, x, t, y)
+  assert len(calls) == 1 and calls[0][0] == 8
+  np.testing.assert_array_equal(calls[0][1], np.concatenate([y, np.full(4, K)]))
+  expected_eps = (1 + w) * x * (y[:, None, None, None] + 1.0) - w * x * (K + 1.0)
+  np.testing.assert_allclose(out[..., :1], expected_eps, rtol=1e-6)
+  np.testing.assert_array_equal(out[..., 1:], x)
+
+
+def _hand_sample(model, d, params, table, ids, *, w):
+  """Algorithm 2 written out, with the guided eps computed from two separate forwards."""
+  keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(5), ids)
+  y = jnp.asarray(table)[ids % len(table)]
+  x = sampling.draw_normal(keys, d.num_timesteps, (8, 8, 1))
+  for t in reversed(range(d.num_timesteps)):
+    ts = jnp.full((len(ids),), t, jnp.int32)
+    out = model.apply(params, x, ts, y, train=False)
+    if w:
+      out = (1 + w) * out - w * model.apply(params, x, ts, jnp.full_like(y, K), train=False)
+    x, _ = dm.p_sample(d, out, x, ts, noise=sampling.draw_normal(keys, t, (8, 8, 1)))
+  return np.asarray(x)
+
+
+def test_w0_is_plain_conditional_sampling_bitwise(fixed):
+  model, d, params = fixed
+  table = labels_lib.table("2,5,9", num_classes=K, num_samples=4)
+  mesh = parallel.make_mesh()
+  ids = sampling.sample_ids(0, 4, mesh)
+  sample = sampling.make_sampler(
+    model, d, mesh, image_shape=(8, 8, 1), as_uint8=False, label_table=table, guidance_scale=0.0
+  )
+  ours = np.asarray(parallel.to_host(sample(params, jax.random.key(5), ids)))
+  plain = jax.jit(lambda p: model.apply(p, *batch_inputs(), train=False))(params)
+  guided0 = jax.jit(
+    lambda p: sampling.guided_model_fn(model, guidance_scale=0.0)(p, *batch_inputs())
+  )(params)
+  np.testing.assert_array_equal(guided0, plain)
+  np.testing.assert_allclose(
+    ours, _hand_sample(model, d, params, table, jnp.arange(4), w=0.0), atol=1e-4
+  )
+
+
+@pytest.mark.parametrize(
+  "options",
+  [
+    dict(method="ancestral"),
+    dict(method="ancestral", timesteps=respace.kept_timesteps("uniform", 4, 10)),
+    dict(method="ddim", timesteps=respace.kept_timesteps("uniform", 4, 10), eta=0.5),
+  ],
+)
+def test_every_sampler_is_guided(fixed, options):
+  """Ancestral, respaced and DDIM sampling at w = 2 equal sampling at w = 0 from a model whose
+  output is the guided combination computed by hand (two separate forwards)."""
+  model, d, params = fixed
+  w = 2.0
+
+  class HandGuided:
+    num_classes = K
+
+    def apply(self, params, x, t, y, train):
+      cond = model.apply(params, x, t, y, train=train)
+      return (1 + w) * cond - w * model.apply(params, x, t, jnp.full_like(y, K), train=train)
+
+  table = labels_lib.table("all", num_classes=K, num_samples=4)
+  mesh = parallel.make_mesh()
+  ids = sampling.sample_ids(0, 4, mesh)
+  draw = lambda m, scale: np.asarray(
+    parallel.to_host(
+      sampling.make_sampler(
+        m, d, mesh, image_shape=(8, 8, 1), as_uint8=False, label_table=table,
+        guidance_scale=scale, **options,
+      )(params, jax.random.key(5), ids)
+    )
+  )  # fmt: skip
+  guided = draw(model, w)
+  np.testing.assert_allclose(guided, draw(HandGuided(), 0.0), atol=1e-4)
+  assert np.abs(guided - draw(model, 0.0)).max() > 1e-2
+
+
+# ----------------------------------------------------------------------------- modes
+
+
+def test_sample_mode_records_labels_and_w(workdir):
+  config = cond_config(sampling__labels="grid", sampling__guidance_scale=1.5)
+  config.sampling.num_samples = 20
+  config.sampling.num_progressive = 0
+  out = samples_lib.dump_samples(config, str(workdir))
+  assert out.endswith("ckpt_2_n20_seed0_ancestral10_w1.5_labelsgrid")
+  record = json.loads(open(f"{out}/sampler.json").read())
+  assert record["labels"] == "grid" and record["guidance_scale"] == 1.5
+  arrays = np.load(f"{out}/samples.npz")
+  assert arrays["arr_0"].shape == (20, 8, 8, 1)
+  np.testing.assert_array_equal(arrays["arr_1"], np.repeat(np.arange(K), 2))  # row k = class k
+  grid = Image.open(f"{out}/grid.png")
+  factor = math.ceil(512 / (2 * 10 + 2))
+  assert grid.size == ((2 * 10 + 2) * factor, (K * 10 + 2) * factor)  # 2 columns, 10 rows
+
+
+def test_bpd_is_conditional_on_the_true_label(fixed):
+  model, d, params = fixed
+  mesh = parallel.make_mesh()
+  fn = bpd.make_bpd_fn(d, model, mesh, clip_denoised=True)
+  images_uint8 = np.asarray(data._digits(8)[:4])
+  labels = np.arange(4, dtype=np.int32)
+  key, ids = jax.random.key(3), sampling.sample_ids(0, 4, mesh)
+  total = lambda batch: np.asarray(parallel.to_host(fn(params, key, batch, ids)[0])).sum(1)
+  ours = total({"image": images_uint8, "label": labels})
+  x = jnp.asarray(images_uint8, jnp.float32) / 127.5 - 1
+  expected = [
+    dm.calc_bpd_loop(
+      d,
+      lambda x_t, t, i=i: model.apply(params, x_t, t, jnp.asarray(labels[i : i + 1]), train=False),
+      x_start=x[i : i + 1],
+      key=jax.random.fold_in(key, i),
+    ).terms_bpd.sum()
+    for i in range(4)
+  ]
+  np.testing.assert_allclose(ours, expected, rtol=1e-4)
+  assert np.abs(ours - total({"image": images_uint8, "label": (labels + 1) % K})).max() > 1e-4
+
+
+# ----------------------------------------------------------------------------- diffusers
+
+
+def test_diffusers_round_trip_with_num_class_embeds(tmp_path):
+  """A random UNet2DModel with num_class_embeds = K + 1 imports to the same eps (with labels) and
+  exports back to the same weights, which diffusers loads."""
+  torch.manual_seed(0)
+  reference = UNet2DModel(
+    sample_size=8,
+    in_channels=1,
+    out_channels=1,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=None,
+    norm_eps=1e-6,
+    freq_shift=1,
+    flip_sin_to_cos=False,
+    downsample_padding=0,
+    num_class_embeds=K + 1,
+  ).eval()
+  generator = torch.Generator().manual_seed(1)
+  with torch.no_grad():
+    for name, p in reference.named_parameters():
+      noise = torch.randn(p.shape, generator=generator)
+      if p.ndim == 1:
+        p.copy_((1.0 if "norm" in name and name.endswith("weight") else 0.0) + 0.1 * noise)
+      else:
+        p.copy_(noise / math.sqrt(p[0].numel()))
+  reference.save_pretrained(tmp_path / "hub", safe_serialization=True)
+  config = cond_config()
+  convert_workdir.import_checkpoint(
+    str(tmp_path / "hub"), config=config, workdir=str(tmp_path / "wd")
+  )
+  built = state_lib.build(config)
+  params, _ = checkpoint.restore_ema_params(
+    config, str(tmp_path / "wd"), built=built, mesh=parallel.make_mesh()
+  )
+  x, t, y = batch_inputs()
+  ours = np.asarray(built.model.apply(params, x, t, y, train=False))
+  with torch.no_grad():
+    theirs = (
+      reference(
+        torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2)),
+        torch.from_numpy(np.asarray(t)).long(),
+        class_labels=torch.from_numpy(np.asarray(y)).long(),
+      )
+      .sample.numpy()
+      .transpose(0, 2, 3, 1)
+    )
+  assert 0.1 < theirs.std() and np.abs(ours - theirs).max() <= 1e-4, np.abs(ours - theirs).max()
+
+  out, _ = convert_workdir.export_diffusers(str(tmp_path / "wd"), str(tmp_path / "export"))
+  exported = UNet2DModel.from_pretrained(out).eval()
+  assert exported.config.num_class_embeds == K + 1
+  for key, value in reference.state_dict().items():
+    np.testing.assert_array_equal(exported.state_dict()[key].numpy(), value.numpy(), err_msg=key)
+  with pytest.raises(ConfigError, match="model.num_classes \\(checkpoint 10, config 0\\)"):
+    convert_workdir.import_checkpoint(
+      str(tmp_path / "hub"), config=tiny_config(), workdir=str(tmp_path / "wd2")
+    )
