@@ -41,6 +41,8 @@ def _read_image(path: str, mode: str, *, what: str) -> Image.Image:
   try:
     with storage.open_read(path) as f, Image.open(f) as image:
       return image.convert(mode)
+  except Image.UnidentifiedImageError:
+    raise ConfigError(f"{what}: {path} is not an image PIL can read (PNG, JPEG, ...).") from None
   except (OSError, ValueError) as e:
     reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise ConfigError(f"{what}: cannot read {path} as an image ({reason}).") from None

@@ -177,6 +177,10 @@ def check_training(config, mode: str):
       )
   _int(c, p, "num_grid_samples", minimum=0)
   _int(c, p, "keep_checkpoints", minimum=1)
+  if "init_from" in c:  # (keys added later are optional in a saved config.json)
+    # only its form: it is read when a run starts, and a resumed run may have lost it
+    _string(c, p, "init_from")
+    _path(c, p, "init_from")
 
 
 def check_sampling(config, mode: str):
