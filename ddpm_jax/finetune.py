@@ -40,10 +40,9 @@ class Filled(NamedTuple):
 
 
 def is_workdir(src: str) -> bool:
-  """Whether `src` is a workdir of this project (config.json or a checkpoints folder)."""
-  return storage.is_file(storage.join(src, "config.json")) or storage.is_dir(
-    checkpoint.checkpoint_dir(src)
-  )
+  """Whether `src` is a workdir of this project: it has a checkpoints folder (a diffusers directory
+  has a config.json too)."""
+  return storage.is_dir(checkpoint.checkpoint_dir(src))
 
 
 def _workdir_source(src: str, *, mesh) -> params_lib.Source:
