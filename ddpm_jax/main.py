@@ -1,5 +1,5 @@
 """Entry point: `python -m ddpm_jax.main --config=configs/cifar10.py --workdir=DIR
-[--mode=train|sample|bpd|fid|...]`.
+[--mode=train|sample|inpaint|bpd|fid|...]`.
 
 `--config.training.batch_size=64`-style flags override any key of the config file. Every user
 mistake ends the program with one sentence on stderr and exit status 1. TensorFlow's start-up
@@ -21,6 +21,7 @@ from ml_collections import config_flags
 
 from ddpm_jax import console
 from ddpm_jax import data
+from ddpm_jax import inpaint
 from ddpm_jax import interpolate
 from ddpm_jax import parallel
 from ddpm_jax import storage
@@ -38,6 +39,7 @@ MODES = {
   "train": train.train,
   "sample": samples.dump_samples,
   "interpolate": interpolate.run,
+  "inpaint": inpaint.run,
   "bpd": bpd.evaluate,
   "fid": fid.evaluate,
   "evaluate_watch": watch.watch,
@@ -57,7 +59,8 @@ flags.DEFINE_enum(
   "train",
   list(MODES),
   "train: train or resume; sample: sample from a checkpoint; interpolate: the paper's "
-  "interpolations (Figures 8, 9); bpd: the NLL bound in bits/dim; fid: FID and Inception Score "
+  "interpolations (Figures 8, 9); inpaint: fill in the masked part of images (RePaint); bpd: the "
+  "NLL bound in bits/dim; fid: FID and Inception Score "
   "of samples; evaluate_watch: evaluate every new checkpoint of a training run once.",
 )
 flags.mark_flags_as_required(["config", "workdir"])

@@ -14,6 +14,9 @@ TRAIN_GRID = 2  # the sample grids written during training
 SAMPLES = 3  # --mode=sample and FID samples: sample i from fold_in(key, i), the same in both
 BPD = 4  # --mode=bpd: example i's noise from fold_in(key, i)
 INTERPOLATION = 5  # --mode=interpolate: pair p's noise from fold_in(key, p)
+INPAINT = (
+  6  # --mode=inpaint: row r (image r // num_samples, sample r % num_samples): fold_in(key, r)
+)
 
 SEED_STREAMS = dict(
   PARAMS=PARAMS,
@@ -22,6 +25,7 @@ SEED_STREAMS = dict(
   SAMPLES=SAMPLES,
   BPD=BPD,
   INTERPOLATION=INTERPOLATION,
+  INPAINT=INPAINT,
 )
 
 # Sub-streams of one training example: fold_in(fold_in(fold_in(training key, step), example id), X).
@@ -33,6 +37,14 @@ EXAMPLE_LABEL_DROPOUT = 3  # conditional models: whether the example's label bec
 # Sub-streams of the interpolation key: the sources' q_sample noise and the reverse process's noise.
 INTERPOLATION_FORWARD = 0
 INTERPOLATION_REVERSE = 1
+
+# Sub-streams of one inpainting row's key: x_T, then for move i of the schedule (from
+# fold_in(fold_in(row key, X), i)) the reverse step's noise, the known region's q_sample noise and a
+# forward jump's noise.
+INPAINT_START = 0
+INPAINT_REVERSE = 1
+INPAINT_KNOWN = 2
+INPAINT_FORWARD = 3
 
 
 def key(seed: int, stream: int) -> jax.Array:

@@ -19,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 from ddpm_jax import checkpoint
 from ddpm_jax import data
 from ddpm_jax import diffusion as dm
+from ddpm_jax import finetune
 from ddpm_jax import images
 from ddpm_jax import labels as labels_lib
 from ddpm_jax import parallel
@@ -277,7 +278,7 @@ def warn_if_ema_too_slow(c):
   """The EMA starts at the initial weights and is not bias-corrected (the paper's recipe): a run
   shorter than a few 1 / (1 - decay) steps samples from mostly random weights, i.e. noise."""
   left = c.ema_decay**c.num_steps  # the initial weights' share of the EMA at the end
-  if c.num_steps and left > 0.05:
+  if c.num_steps and left > 0.05 and not c.get("init_from"):  # fine-tuning starts from trained ones
     suggested = 0.01 ** (1.0 / c.num_steps)
     logging.warning(
       "config.training.ema_decay = %s keeps %.0f%% of the initial random weights in the EMA after "
@@ -331,6 +332,8 @@ def _start_or_resume(config, workdir: str, *, built, manager, mesh):
       checkpoint.checkpoint_dir(workdir),
     )
     return state
+  if config.training.get("init_from"):  # read once: a resumed run has a checkpoint
+    return finetune.initial_state(config, built=built, mesh=mesh)
   state = jax.jit(
     functools.partial(state_lib.init_state, built.model, built.tx, seed=config.seed, shape=shape),
     out_shardings=parallel.replicated(mesh),

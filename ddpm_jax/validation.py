@@ -17,6 +17,7 @@ from ddpm_jax import data
 from ddpm_jax import diffusion as dm
 from ddpm_jax import labels as labels_lib
 from ddpm_jax import parallel
+from ddpm_jax import repaint
 from ddpm_jax import sampling
 from ddpm_jax import storage
 from ddpm_jax.errors import ConfigError
@@ -199,6 +200,10 @@ def check_training(config, mode: str):
   _int(c, p, "keep_checkpoints", minimum=1)
   if "label_dropout" in c:
     _unit_interval(c, p, "label_dropout")
+  if "init_from" in c:  # (keys added later are optional in a saved config.json)
+    # only its form: it is read when a run starts, and a resumed run may have lost it
+    _string(c, p, "init_from")
+    _path(c, p, "init_from")
 
 
 def check_sampling(config, mode: str):
@@ -293,6 +298,48 @@ def check_interpolation(config, mode: str):
     )
 
 
+def check_inpaint(config, mode: str):
+  """The inpainting keys (only --mode=inpaint reads the section); the mask's and images' contents
+  are checked when they are read."""
+  if mode != "inpaint":
+    return
+  c, p = config.inpaint, "inpaint"
+  _string(c, p, "image")
+  _path(c, p, "image")
+  if c.image and not storage.exists(c.image):
+    _fail(f"{p}.image", c.image, "does not exist (give an image file or a folder of images)")
+  if not c.image:
+    _string(c, p, "split", empty_ok=False)
+    _int(c, p, "num_images", minimum=1)
+  _string(c, p, "mask")
+  if not c.mask:
+    _fail(
+      f"{p}.mask",
+      c.mask,
+      "is empty; give a PNG (white = keep, black = fill in) or a region to fill in, one of "
+      + ", ".join(repaint.MASK_REGIONS),
+    )
+  if c.mask not in repaint.MASK_REGIONS:
+    _path(c, p, "mask")
+    if not storage.is_file(c.mask):
+      _fail(
+        f"{p}.mask",
+        c.mask,
+        "is neither a file nor one of the regions " + ", ".join(repaint.MASK_REGIONS),
+      )
+  _int(c, p, "num_samples", minimum=1)
+  _int(c, p, "jump_length", minimum=1)
+  _int(c, p, "num_resamplings", minimum=1)
+  steps = sampling.record(config)["num_steps"]
+  if c.num_resamplings > 1 and c.jump_length >= steps:
+    _fail(
+      f"{p}.jump_length",
+      c.jump_length,
+      f"must be smaller than the {steps} reverse steps of config.sampling for resampling to happen "
+      "(or set inpaint.num_resamplings = 1)",
+    )
+
+
 def check_distributed(config, mode: str):
   del mode
   c, p = config.distributed, "distributed"
@@ -312,6 +359,7 @@ SECTION_CHECKS = {
   "sampling": check_sampling,
   "evaluation": check_evaluation,
   "interpolation": check_interpolation,
+  "inpaint": check_inpaint,
   "distributed": check_distributed,
 }
 
@@ -331,6 +379,7 @@ def _batch_sizes(config, mode: str) -> dict:
     "train": {"training.batch_size": config.training.batch_size},
     "sample": {"sampling.batch_size": config.sampling.batch_size},
     "interpolate": {"sampling.batch_size": config.sampling.batch_size},
+    "inpaint": {"sampling.batch_size": config.sampling.batch_size},
     "bpd": {"evaluation.batch_size": ev.batch_size},
     "fid": {
       "sampling.batch_size": config.sampling.batch_size,

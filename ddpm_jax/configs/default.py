@@ -68,6 +68,10 @@ def get_config():
   training.num_grid_samples = 64
   training.checkpoint_every = 10_000
   training.keep_checkpoints = 3
+  # fine-tuning: the first weights of a new run (a workdir of this project, a diffusers model
+  # directory or an official TF checkpoint); "": the paper's random initialisation. Read once, when
+  # the run has no checkpoint yet.
+  training.init_from = ""
 
   config.sampling = sampling = ml_collections.ConfigDict()
   sampling.batch_size = 256  # global
@@ -109,6 +113,23 @@ def get_config():
   interpolation.figure9_pair = 0
   interpolation.image1 = ""  # two image files to interpolate between instead of dataset pairs
   interpolation.image2 = ""
+
+  # Inpainting with any unconditional checkpoint, --mode=inpaint: RePaint (Lugmayr et al. 2022).
+  config.inpaint = inpaint = ml_collections.ConfigDict()
+  # an image file or a folder of them (PNG/JPEG, cropped and resized like config.data.image_folder);
+  # "": the first num_images images of the split inpaint.split of config.data.dataset
+  inpaint.image = ""
+  inpaint.split = "train"
+  inpaint.num_images = 8
+  # a PNG, white = keep, black = fill in (grey levels thresholded at 128; of the model's size, or of
+  # the images' size and then cropped and resized as they are), or the region to fill in by name:
+  # bottom_half | top_half | left_half | right_half | center (the central square, half the side)
+  inpaint.mask = ""
+  inpaint.num_samples = 4  # inpaintings of each image
+  # RePaint's resampling: after every jump_length reverse steps, go forward jump_length steps again,
+  # so that each stretch is traversed num_resamplings times (1: no resampling)
+  inpaint.jump_length = 10
+  inpaint.num_resamplings = 10
 
   config.evaluation = evaluation = ml_collections.ConfigDict()
   evaluation.checkpoint_step = -1  # which checkpoint --mode=bpd / fid evaluate; -1: newest
