@@ -14,6 +14,7 @@ job first so that one tiny trained workdir serves every later command; launch sc
 --dry-run. OVERRIDES lists what is added to each command.
 """
 
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -107,6 +108,7 @@ OVERRIDES = {
   "python -m ddpm_jax.metrics": "METRICS_FLAGS inserted",
   "launch/*.sh": "--dry-run inserted (prints the commands, runs none)",
   "paths": "REPLACE",
+  "duplicates": "a command equal to an earlier one up to --workdir runs once",
 }
 MIN_COMMANDS, MIN_RUN = 50, 25  # the extraction cannot silently find nothing
 
@@ -321,18 +323,24 @@ def ran(tmp_path_factory):
   seen = set()
   for i, part in enumerate(runnable()):
     kind, argv = tiny_argv(part)
-    if (kind, tuple(argv)) in seen:  # the same command in two documents runs once
+    # the same command in two documents, or differing only in its workdir, runs once
+    same = (kind, tuple(a for a in argv if not a.startswith("--workdir=")))
+    if same in seen:
       continue
-    seen.add((kind, tuple(argv)))
+    seen.add(same)
     command = {"id": str(i), "kind": kind, "argv": argv, "where": part.where}
     # the Inception conversion needs no flags: the main runner does it first, for --mode=fid
     group = "main" if kind == "convert_inception" else kind
     groups[group].insert(0 if kind == "convert_inception" else len(groups[group]), command)
   groups["main"].append(PLANTED)
   start, results, logs = time.time(), {}, {}
-  for name in ("main", "metrics", "convert"):
-    found, logs[name] = run_runner(cwd, groups[name], name)
-    results.update(found)
+  found, logs["main"] = run_runner(cwd, groups["main"], "main")
+  results.update(found)
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:  # both read what the main runner wrote
+    names = ("metrics", "convert")
+    for name, (found, log) in zip(names, pool.map(lambda n: run_runner(cwd, groups[n], n), names)):
+      results.update(found)
+      logs[name] = log
   for command in groups["launch"]:
     proc = subprocess.run(
       ["bash", *command["argv"]], cwd=cwd, capture_output=True, text=True, timeout=60
