@@ -27,6 +27,7 @@ import time
 import numpy as np
 import pytest
 from PIL import Image
+from sklearn.datasets import load_digits
 
 from conftest import REPO
 
@@ -271,8 +272,6 @@ def test_the_readme_test_command_is_what_ci_runs():
 
 
 def write_image_folder(folder: str) -> None:
-  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
-
   os.makedirs(folder)
   for i, digit in enumerate(load_digits().images[:8]):
     pixels = np.kron(digit * 255 / 16, np.ones((2, 2))).astype(np.uint8)
@@ -371,3 +370,31 @@ def test_a_failing_documented_command_fails_the_test(ran):
     -3000:
   ]
   assert "unknown config key in the command line overrides: num_sample" in logs["main"]
+
+
+def github_anchor(heading: str) -> str:
+  """The anchor GitHub gives a Markdown heading: lower case, punctuation dropped, spaces to -."""
+  return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_relative_link_reaches_a_file_and_heading():
+  broken = []
+  for doc in DOCS + ["CHANGELOG.md"]:
+    with open(os.path.join(REPO, doc)) as f:
+      text = f.read()
+    links = re.findall(r"\]\(([^)\s]+)\)", text) + re.findall(r"^\[\w+\]: (\S+)$", text, re.M)
+    for link in links:
+      if re.match(r"^[a-z]+://", link):
+        continue
+      path, _, anchor = link.partition("#")
+      target = os.path.normpath(os.path.join(os.path.dirname(doc), path)) if path else doc
+      if not os.path.exists(os.path.join(REPO, target)):
+        if target not in ("docs/conditional.md", "docs/editing.md"):  # written on other branches
+          broken.append(f"{doc}: {link}")
+        continue
+      if anchor:
+        with open(os.path.join(REPO, target)) as f:
+          headings = re.findall(r"^#+ (.+)$", f.read(), re.M)
+        if anchor not in {github_anchor(h) for h in headings}:
+          broken.append(f"{doc}: {link}")
+  assert not broken, broken
