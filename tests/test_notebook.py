@@ -2,6 +2,7 @@
 parameters."""
 
 import os
+import re
 import time
 
 import nbformat
@@ -52,3 +53,29 @@ def test_notebook_runs_every_cell(tmp_path):
   ]
   assert len(pictures) == 4  # the grid, two chain pictures, the strip from the lower-level API
   assert os.path.exists(tmp_path / "run" / "checkpoints" / "4")
+
+
+def test_the_repository_is_named_once_and_the_readme_badge_opens_the_same_one():
+  """The notebook names its repository in one variable (REPOSITORY, in the parameters cell), which
+  the install cell reads; the README's Colab link names the same repository; no other OWNER-style
+  placeholder is left in the notebook."""
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  lines = [line for cell in nb.cells for line in cell.source.splitlines()]
+  definitions = [line for line in lines if re.match(r"^REPOSITORY = ", line)]
+  assert len(definitions) == 1, definitions
+  repository = re.match(r'^REPOSITORY = "([^"]+)"', definitions[0]).group(1)
+  assert re.fullmatch(r"github\.com/[\w.-]+/[\w.-]+", repository), repository
+  assert [line for line in lines if "OWNER" in line] == [
+    line for line in definitions if "OWNER" in repository
+  ]
+  assert not [line for line in lines if "github.com/" in line and "REPOSITORY" not in line]
+  install = next(cell.source for cell in nb.cells if "pip" in cell.source)
+  assert 'f"ddpm-jax @ git+https://{REPOSITORY}"' in install
+  with open(os.path.join(REPO, "README.md")) as f:
+    readme = f.read()
+  links = re.findall(
+    r"^\[colab\]: https://colab\.research\.google\.com/github/(\S+)$", readme, re.M
+  )
+  assert links == [
+    repository.removeprefix("github.com/") + "/blob/main/notebooks/ddpm_jax_colab.ipynb"
+  ]
