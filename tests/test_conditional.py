@@ -511,16 +511,20 @@ def test_diffusers_round_trip_with_num_class_embeds(tmp_path):
   )
   x, t, y = batch_inputs()
   ours = np.asarray(built.model.apply(params, x, t, y, train=False))
-  with torch.no_grad():
-    theirs = (
-      reference(
-        torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2)),
-        torch.from_numpy(np.asarray(t)).long(),
-        class_labels=torch.from_numpy(np.asarray(y)).long(),
+
+  def eps_of(torch_model):
+    with torch.no_grad():
+      return (
+        torch_model(
+          torch.from_numpy(np.array(x).transpose(0, 3, 1, 2)),
+          torch.from_numpy(np.array(t)).long(),
+          class_labels=torch.from_numpy(np.array(y)).long(),
+        )
+        .sample.numpy()
+        .transpose(0, 2, 3, 1)
       )
-      .sample.numpy()
-      .transpose(0, 2, 3, 1)
-    )
+
+  theirs = eps_of(reference)
   assert 0.1 < theirs.std() and np.abs(ours - theirs).max() <= 1e-4, np.abs(ours - theirs).max()
 
   out, _ = convert_workdir.export_diffusers(str(tmp_path / "wd"), str(tmp_path / "export"))
@@ -528,6 +532,7 @@ def test_diffusers_round_trip_with_num_class_embeds(tmp_path):
   assert exported.config.num_class_embeds == K + 1
   for key, value in reference.state_dict().items():
     np.testing.assert_array_equal(exported.state_dict()[key].numpy(), value.numpy(), err_msg=key)
+  assert np.abs(eps_of(exported) - ours).max() <= 1e-4
   with pytest.raises(ConfigError, match="model.num_classes \\(checkpoint 10, config 0\\)"):
     convert_workdir.import_checkpoint(
       str(tmp_path / "hub"), config=tiny_config(), workdir=str(tmp_path / "wd2")
