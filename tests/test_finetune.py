@@ -157,10 +157,11 @@ def test_a_resumed_finetuning_run_does_not_read_its_source_again(tmp_path, sourc
   copy = str(tmp_path / "source_copy")
   shutil.copytree(src, copy)
   config = finetune_config(copy)
-  config.training.num_steps = 2
+  config.training.num_steps = config.training.checkpoint_every = 1
+  config.training.num_grid_samples = 0  # no sample grids: only the checkpoints matter here
   first = train.train(config, str(tmp_path / "run"))
   shutil.rmtree(copy)  # gone: a resume that read it would fail
-  config.training.num_steps = 4
+  config.training.num_steps = 2
   resumed = train.train(config, str(tmp_path / "run"))
-  assert int(first.step) == 2 and int(resumed.step) == 4
-  assert checkpoint.checkpoint_steps(str(tmp_path / "run")) == [2, 4]
+  assert int(first.step) == 1 and int(resumed.step) == 2
+  assert checkpoint.checkpoint_steps(str(tmp_path / "run")) == [1, 2]
