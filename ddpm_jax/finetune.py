@@ -6,6 +6,10 @@ imported), a diffusers model directory or an official TF checkpoint (its EMA wei
 `convert`'s readers). The run then starts as any other: params = EMA = those weights, a fresh
 optimizer state, step 0, and its own key from config.seed. Training calls this only when the run has
 no checkpoint yet, so a resumed fine-tuning run never reads the source again.
+
+A class-conditional model (Ho & Salimans 2022) may start from an unconditional one: its class
+embedding, which the source lacks, starts at zero, so at step 0 the model gives the source's outputs
+for every label and the null label alike.
 """
 
 from typing import NamedTuple
@@ -30,13 +34,16 @@ from ddpm_jax.errors import ConfigError
 from ddpm_jax.models import unet as unet_lib
 
 KEY = "config.training.init_from"
+# The params a source may lack, started at zero: a conditional model's class embedding (added to the
+# timestep embedding, so zero rows leave the unconditional network's outputs unchanged).
+ZERO_IF_MISSING = (("class_embed", "embedding"),)
 
 
 class Filled(NamedTuple):
   """The params for the config's model and which of them the source did not have."""
 
   params: dict  # {'params': ...}, NumPy float32
-  filled: tuple  # paths ('down_0_block_0', 'conv1', 'kernel') taken from `fill_missing`
+  zeroed: tuple  # paths (e.g. ('class_embed', 'embedding')) the source lacks, started at zero
 
 
 def is_workdir(src: str) -> bool:
@@ -65,7 +72,7 @@ def _workdir_source(src: str, *, mesh) -> params_lib.Source:
     description=f"the EMA weights of step {step} of the run in {storage.resolve(src)}",
     arrays=arrays,
     name_of=lambda path, _num_levels: "/".join(path),
-    to_flax=lambda value, _rank: value,
+    to_flax=lambda value, _rank, _leaf: value,
   )
 
 
@@ -92,29 +99,28 @@ def _shape(value) -> str:
   return "x".join(map(str, value.shape)) or "scalar"
 
 
-def fit_params(source: params_lib.Source, expected: dict, *, num_levels: int, fill_missing=None):
+def fit_params(source: params_lib.Source, expected: dict, *, num_levels: int, zero_if_missing=()):
   """`Filled` params for a model whose flat param shapes are `expected` ({path: ShapeDtypeStruct}),
   taken from `source`; a ConfigError naming the first tensors that disagree.
 
-  `fill_missing(path, leaf) -> array`, when given, supplies the params the source lacks (e.g. a new
-  embedding started at zero) instead of refusing them.
+  The paths in `zero_if_missing` that the source lacks start at zero instead of being refused.
   """
-  params, filled, used = {}, [], set()
+  params, zeroed, used = {}, [], set()
   advice = "set config.model (and data.num_channels, diffusion.var_type) to the source's model"
   for path, leaf in expected.items():
     name = source.name_of(path, num_levels)
     ours = f"the config's {'/'.join(path)} ({_shape(leaf)})"
     if name not in source.arrays:
-      if fill_missing is None:
+      if path not in zero_if_missing:
         raise ConfigError(
           f"The weights in {source.description} do not fit the config's model: it has no {name!r} "
           f"for {ours}; {advice}."
         )
-      params[path] = np.asarray(fill_missing(path, leaf), np.float32)
-      filled.append(path)
+      params[path] = np.zeros(leaf.shape, np.float32)
+      zeroed.append(path)
       continue
     used.add(name)
-    value = source.to_flax(source.arrays[name], len(leaf.shape))
+    value = source.to_flax(source.arrays[name], len(leaf.shape), path[-1])
     if tuple(value.shape) != tuple(leaf.shape):
       raise ConfigError(
         f"The weights in {source.description} do not fit the config's model: the first that "
@@ -128,7 +134,7 @@ def fit_params(source: params_lib.Source, expected: dict, *, num_levels: int, fi
       f"have no place in it, the first {unused[0]!r} ({_shape(source.arrays[unused[0]])}); "
       f"{advice}."
     )
-  return Filled({"params": traverse_util.unflatten_dict(params)}, tuple(filled))
+  return Filled({"params": traverse_util.unflatten_dict(params)}, tuple(zeroed))
 
 
 def expected_params(config, built, *, mesh) -> dict:
@@ -139,29 +145,37 @@ def expected_params(config, built, *, mesh) -> dict:
   return traverse_util.flatten_dict(abstract.params["params"])
 
 
-def initial_state(config, *, built, mesh, fill_missing=None) -> state_lib.TrainState:
+def _zeroed_text(zeroed) -> str:
+  """What the log says about the params the source lacked."""
+  if not zeroed:
+    return ""
+  if tuple(zeroed) == ZERO_IF_MISSING:
+    return (
+      "; the source is unconditional, so the class embedding starts at zero and the model gives "
+      "the source's outputs for every label until it learns them"
+    )
+  return "; started at zero as the source lacks them: " + ", ".join("/".join(p) for p in zeroed)
+
+
+def initial_state(config, *, built, mesh) -> state_lib.TrainState:
   """The step-0 train state of a fine-tuning run: params = EMA = the weights of
   config.training.init_from, a fresh optimizer state, the run's own key; replicated on `mesh`."""
-  src = config.training.init_from
-  source = read_source(src, mesh=mesh)
+  source = read_source(config.training.init_from, mesh=mesh)
   fitted = fit_params(
     source,
     expected_params(config, built, mesh=mesh),
     num_levels=len(config.model.ch_mult),
-    fill_missing=fill_missing,
+    zero_if_missing=ZERO_IF_MISSING,
   )
   state = jax.jit(
     lambda p: state_lib.state_from_params(p, built.tx, seed=config.seed),
     out_shardings=parallel.replicated(mesh),
   )(fitted.params)
   logging.info(
-    "Fine-tuning from %s (%s parameters%s): params and EMA start there, with a fresh optimizer at "
-    "step 0.",
+    "Fine-tuning from %s (%s parameters): params and EMA start there, with a fresh optimizer at "
+    "step 0%s.",
     source.description,
     f"{unet_lib.count_params(state.params):,}",
-    f"; {len(fitted.filled)} not in the source started as the model's fill-in: "
-    + ", ".join("/".join(p) for p in fitted.filled)
-    if fitted.filled
-    else "",
+    _zeroed_text(fitted.zeroed),
   )
   return state

@@ -2,6 +2,10 @@
 weights of any checkpoint of this project (trained or imported), written with the input, the mask
 and the arrays to a new folder named after the checkpoint, the counts, the seed, the sampler and
 the jumps.
+
+A conditional model inpaints sample s of every image with the label table[s % len(table)] of
+config.sampling.labels (so "all" gives one inpainting per class with num_samples = num_classes),
+guided with config.sampling.guidance_scale.
 """
 
 import typing
@@ -14,6 +18,7 @@ from PIL import Image
 from ddpm_jax import checkpoint
 from ddpm_jax import data
 from ddpm_jax import images
+from ddpm_jax import labels as labels_lib
 from ddpm_jax import parallel
 from ddpm_jax import repaint
 from ddpm_jax import sampling
@@ -120,11 +125,31 @@ def load_mask(config, image_sizes) -> np.ndarray:
 # ------------------------------------------------------------------------ the --mode=inpaint driver
 
 
+def sample_labels(config) -> np.ndarray | None:
+  """A conditional model's label of each sample index s of an image (config.sampling.labels over
+  inpaint.num_samples); None for an unconditional model."""
+  table = sampling.config_label_table(config, num_samples=config.inpaint.num_samples)
+  if table is None:
+    return None
+  return labels_lib.of_ids(table, np.arange(config.inpaint.num_samples))
+
+
 def inpaint_images(
-  fn, params, *, key, images_uint8, keep, num_samples: int, batch_size: int, mesh, progress=None
+  fn,
+  params,
+  *,
+  key,
+  images_uint8,
+  keep,
+  num_samples: int,
+  batch_size: int,
+  mesh,
+  labels=None,
+  progress=None,
 ) -> np.ndarray:
   """uint8 inpaintings [N, num_samples, H, W, C] of every image (row r = image r // num_samples,
-  its sample r % num_samples), in batches of `batch_size` rows."""
+  its sample r % num_samples), in batches of `batch_size` rows; `labels` [num_samples] (a
+  conditional model's): the label of each sample index."""
   n = len(images_uint8)
   rows = n * num_samples
   ids = np.arange(rows, dtype=np.int32)
@@ -132,17 +157,20 @@ def inpaint_images(
   keep_rows = np.broadcast_to(
     keep.astype(np.float32)[None, :, :, None], (rows,) + keep.shape + (1,)
   )
+  arrays = [ids, x0, keep_rows]
+  if labels is not None:
+    arrays.append(np.asarray(labels, np.int32)[ids % num_samples])
   batch_size = min(batch_size, parallel.round_up_to_devices(rows))
   padded = -(-rows // batch_size) * batch_size
   pad = lambda a: np.concatenate([a, np.repeat(a[-1:], padded - rows, axis=0)])
-  ids, x0, keep_rows = map(pad, (ids, x0, keep_rows))
+  arrays = [pad(a) for a in arrays]
   out = []
   for start in range(0, padded, batch_size):
     if progress is not None:
       progress.begin(min(start, rows), min(batch_size, max(rows - start, 0)))
     chunk = [
       parallel.global_batch(parallel.process_rows(a[start : start + batch_size]), mesh)
-      for a in (ids, x0, keep_rows)
+      for a in arrays
     ]
     out.append(parallel.to_host(fn(params, key, *chunk)))
     if progress is not None:
@@ -194,6 +222,7 @@ def run(config, workdir: str) -> str | None:
     c.num_resamplings,
     repaint.num_model_calls(moves),
   )
+  labels = sample_labels(config)
   progress = sampling.Progress(rows, desc="inpainting")
   fn = repaint.from_config(config, built, mesh, on_step=progress.on_step)
   results = inpaint_images(
@@ -205,6 +234,7 @@ def run(config, workdir: str) -> str | None:
     num_samples=c.num_samples,
     batch_size=config.sampling.batch_size,
     mesh=mesh,
+    labels=labels,
     progress=progress,
   )
   if jax.process_index() != 0:
@@ -213,8 +243,13 @@ def run(config, workdir: str) -> str | None:
     storage.join(workdir, "inpaint", folder_name(config, step, len(inputs.images)))
   )
   mask_uint8 = np.where(keep, np.uint8(255), np.uint8(0))[..., None]
+  extra = {} if labels is None else dict(labels=labels)
   storage.save_npz(
-    storage.join(out, "inpaint.npz"), inputs=inputs.images, mask=mask_uint8, samples=results
+    storage.join(out, "inpaint.npz"),
+    inputs=inputs.images,
+    mask=mask_uint8,
+    samples=results,
+    **extra,
   )
   masked = masked_picture(inputs.images, keep)
   strip = np.concatenate([inputs.images[:, None], masked[:, None], results], axis=1)

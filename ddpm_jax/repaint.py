@@ -12,7 +12,8 @@ one compiled `lax.fori_loop`.
 The reverse step is config.sampling's sampler: ancestral over all T steps, or over a respaced subset
 (RePaint's own runs keep 250 of 1000 steps), or DDIM; jumps and known regions then use the kept
 steps' alphas_cumprod. The network is reached only through `apply_fn(params, x, t, extra)`, so a
-different model call (e.g. a guided one, with per-example `extra` such as labels) can replace it.
+different model call can replace it: a conditional model's is the classifier-free guided one
+(Ho & Salimans 2022) with the per-row labels as `extra`.
 
 Timesteps are 0-indexed as in `diffusion`: x at index t has t + 1 noising steps; index -1 is the
 image.
@@ -200,8 +201,14 @@ def make_inpainter(
 
 def from_config(config, built, mesh, *, apply_fn=None, on_step=None, as_uint8=True):
   """The inpainter config.inpaint and config.sampling describe, for the model `built` from
-  `config`; `apply_fn` replaces the plain network call."""
+  `config`; `apply_fn` replaces the network call. A conditional model is called with the per-row
+  labels given as `extra`, guided with config.sampling.guidance_scale (`sampling.guided_model_fn`).
+  """
   T = built.diffusion.num_timesteps
+  if apply_fn is None and built.model.num_classes:
+    apply_fn = sampling.guided_model_fn(
+      built.model, guidance_scale=float(config.sampling.get("guidance_scale", 0.0))
+    )
   return make_inpainter(
     apply_fn or model_apply(built.model),
     built.diffusion,

@@ -1,6 +1,7 @@
-"""config.training.init_from: a run starts from a workdir's, a diffusers directory's or an official
-TF checkpoint's weights (params = EMA = the source's at step 0), refuses weights that do not fit in one
-sentence, and reads its source only once."""
+"""config.training.init_from: a run starts from a workdir's, a diffusers directory's or an
+official TF checkpoint's weights (params = EMA = the source's at step 0), a conditional model from
+an unconditional one, weights that do not fit are refused in one sentence, and the source is read
+only once."""
 
 import functools
 import logging
@@ -19,7 +20,6 @@ from test_convert import write_tf_checkpoint
 
 from conftest import tiny_config
 from ddpm_jax import checkpoint
-from ddpm_jax import finetune
 from ddpm_jax import state as state_lib
 from ddpm_jax import train
 from ddpm_jax.errors import ConfigError
@@ -114,11 +114,10 @@ def test_weights_that_do_not_fit_are_one_sentence_naming_the_tensors(tmp_path, s
   src, _ = source_workdir
   cases = [
     (
-      finetune_config(src, model__ch=16),
-      "the first that disagree are 'conv_in/kernel' (3x3x1x32) and the config's conv_in/kernel "
-      "(3x3x1x16)",
+      finetune_config(src, model__ch=64),
+      "the first that disagree are 'conv_in/bias' (32) and the config's conv_in/bias (64)",
     ),
-    (finetune_config(src, model__num_res_blocks=2), "has no 'down_0_block_1/conv1/kernel'"),
+    (finetune_config(src, model__num_res_blocks=2), "has no 'down_0_block_1/conv1/bias'"),
     (
       finetune_config(src, model__attn_resolutions=()),
       "have no place in it, the first 'down_1_attn_0",
@@ -131,22 +130,26 @@ def test_weights_that_do_not_fit_are_one_sentence_naming_the_tensors(tmp_path, s
     assert "\n" not in str(e.value)
 
 
-def test_fill_missing_supplies_what_the_source_lacks(source_workdir):
+def test_a_conditional_model_starts_from_an_unconditional_one(tmp_path, source_workdir, caplog):
+  """The class embedding the source lacks starts at zero (said in the log): at step 0 the model
+  gives the source's outputs for every label and the null label."""
   src, ema = source_workdir
-  config = finetune_config(src, model__num_res_blocks=2)
-  built = state_lib.build(config)
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
-  fitted = finetune.fit_params(
-    finetune.read_source(src, mesh=mesh),
-    finetune.expected_params(config, built, mesh=mesh),
-    num_levels=2,
-    fill_missing=lambda path, leaf: np.zeros(leaf.shape),
-  )
-  assert ("down_0_block_1", "conv1", "kernel") in fitted.filled
-  assert not fitted.params["params"]["down_0_block_1"]["conv1"]["kernel"].any()
-  np.testing.assert_array_equal(
-    fitted.params["params"]["conv_in"]["kernel"], ema["params"]["conv_in"]["kernel"]
-  )
+  config = finetune_config(src, model__num_classes=10)
+  with caplog.at_level(logging.INFO):
+    state = train.train(config, str(tmp_path / "run"))
+  assert_fresh_start(state, config)
+  params = jax.device_get(state.params)
+  assert params["params"]["class_embed"]["embedding"].shape == (11, 128)
+  assert not params["params"]["class_embed"]["embedding"].any()
+  del params["params"]["class_embed"]
+  jax.tree.map(np.testing.assert_array_equal, params, ema)
+  said = [r.getMessage() for r in caplog.records if "Fine-tuning from" in r.getMessage()]
+  assert len(said) == 1 and "the class embedding starts at zero" in said[0], said
+  x, t = inputs()
+  model = state_lib.build(config).model
+  for y in (None, np.array([0, 9], np.int32)):
+    ours = jax.jit(lambda p, y=y: model.apply(p, x, t, y, train=False))(state.params)
+    np.testing.assert_allclose(ours, eps(tiny_config(), ema, x, t), atol=1e-6)
 
 
 def test_a_resumed_finetuning_run_does_not_read_its_source_again(tmp_path, source_workdir):
@@ -154,10 +157,11 @@ def test_a_resumed_finetuning_run_does_not_read_its_source_again(tmp_path, sourc
   copy = str(tmp_path / "source_copy")
   shutil.copytree(src, copy)
   config = finetune_config(copy)
-  config.training.num_steps = 2
+  config.training.num_steps = config.training.checkpoint_every = 1
+  config.training.num_grid_samples = 0  # no sample grids: only the checkpoints matter here
   first = train.train(config, str(tmp_path / "run"))
   shutil.rmtree(copy)  # gone: a resume that read it would fail
-  config.training.num_steps = 4
+  config.training.num_steps = 2
   resumed = train.train(config, str(tmp_path / "run"))
-  assert int(first.step) == 2 and int(resumed.step) == 4
-  assert checkpoint.checkpoint_steps(str(tmp_path / "run")) == [2, 4]
+  assert int(first.step) == 1 and int(resumed.step) == 2
+  assert checkpoint.checkpoint_steps(str(tmp_path / "run")) == [1, 2]

@@ -114,7 +114,8 @@ def get_config():
   interpolation.image1 = ""  # two image files to interpolate between instead of dataset pairs
   interpolation.image2 = ""
 
-  # Inpainting with any unconditional checkpoint, --mode=inpaint: RePaint (Lugmayr et al. 2022).
+  # Inpainting with any checkpoint, --mode=inpaint: RePaint (Lugmayr et al. 2022). A conditional
+  # model's sample s of each image has label s of sampling.labels, guided by its guidance_scale.
   config.inpaint = inpaint = ml_collections.ConfigDict()
   # an image file or a folder of them (PNG/JPEG, cropped and resized like config.data.image_folder);
   # "": the first num_images images of the split inpaint.split of config.data.dataset

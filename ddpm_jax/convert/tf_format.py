@@ -25,6 +25,7 @@ _TOP_LEVEL_SCOPES = {
   "mid_block_1": "mid/block_1",
   "mid_attn": "mid/attn_1",
   "mid_block_2": "mid/block_2",
+  "class_embed": "class_embed",  # no official checkpoint has one (they are unconditional)
 }
 _LEVEL_MODULE = re.compile(r"(down|up)_(\d+)_(block|attn|downsample|upsample)(?:_(\d+))?$")
 
@@ -42,7 +43,9 @@ def tf_name(path) -> str:
     scope = f"{direction}_{level}/{kind}" + (f"_{index}" if index is not None else "")
   layer = inner[-1] if inner else module
   is_norm = layer.startswith("norm")  # GroupNorm: gamma/beta; dense, conv and nin: W/b
-  name = {"kernel": "W", "scale": "gamma", "bias": "beta" if is_norm else "b"}[leaf]
+  name = {"kernel": "W", "embedding": "W", "scale": "gamma", "bias": "beta" if is_norm else "b"}[
+    leaf
+  ]
   return "/".join(["model", scope, *inner, name])
 
 
