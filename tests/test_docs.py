@@ -12,6 +12,10 @@ repository, the package's command lines in-process through tests/docs_runner.py,
 module (ddpm_jax.main with the Inception conversion, ddpm_jax.metrics, ddpm_jax.convert), the main
 job first so that one tiny trained workdir serves every later command; launch scripts with
 --dry-run. OVERRIDES lists what is added to each command.
+
+Also: the README's test command is .ci/run's; every relative link of the documents reaches a file
+and heading; every reference of the code (ddpm_jax/, bench/, configs/, launch/) to README.md,
+docs/*.md or bench/README.md names a file, and a section, that exist.
 """
 
 import concurrent.futures
@@ -405,8 +409,8 @@ def test_every_relative_link_reaches_a_file_and_heading():
 
 
 # The documents the code names: README (README.md), bench/README.md or docs/NAME.md, optionally
-# followed by a section in quotes ('README.md ("The main job: what to expect")', 'docs/evaluation.md,
-# "Inception weights"', 'README "Performance"'), on one line.
+# followed by a section in quotes ('README.md ("The main job: what to expect")',
+# 'docs/evaluation.md, "Inception weights"', 'README "Performance"'), on one line.
 DOC_REFERENCE = re.compile(
   r"(?P<doc>bench/README\.md|docs/[\w-]+\.md|\bREADME(?:\.md)?\b)"
   r"(?:'s)?(?:,? \(?(?:section )?(?P<quote>[\"'])(?P<section>[^\"']+)(?P=quote))?"
