@@ -85,7 +85,7 @@ TINY = [
   "--config.training.batch_size=8",
   "--config.training.warmup_steps=2",
   "--config.training.log_every=2",
-  "--config.training.checkpoint_every=2",
+  "--config.training.checkpoint_every=4",  # one checkpoint: evaluate_watch evaluates it alone
   "--config.training.num_grid_samples=4",
   "--config.sampling.batch_size=8",
   "--config.sampling.num_samples=8",
@@ -120,6 +120,9 @@ OVERRIDES = {
   "duplicates": "a command equal to an earlier one up to --workdir runs once",
 }
 MIN_COMMANDS, MIN_RUN = 50, 25  # the extraction cannot silently find nothing
+# Linked and named before they are merged (written on other branches); once they exist, their links,
+# headings and commands are checked like every other document's.
+NOT_YET_MERGED = ("docs/conditional.md", "docs/editing.md")
 
 
 @dataclasses.dataclass
@@ -397,7 +400,7 @@ def test_every_relative_link_reaches_a_file_and_heading():
       path, _, anchor = link.partition("#")
       target = os.path.normpath(os.path.join(os.path.dirname(doc), path)) if path else doc
       if not os.path.exists(os.path.join(REPO, target)):
-        if target not in ("docs/conditional.md", "docs/editing.md"):  # written on other branches
+        if target not in NOT_YET_MERGED:
           broken.append(f"{doc}: {link}")
         continue
       if anchor:
@@ -416,7 +419,6 @@ DOC_REFERENCE = re.compile(
   r"(?:'s)?(?:,? \(?(?:section )?(?P<quote>[\"'])(?P<section>[^\"']+)(?P=quote))?"
 )
 CODE_FOLDERS = ("ddpm_jax", "bench", "configs", "launch")
-NOT_YET_MERGED = ("docs/conditional.md", "docs/editing.md")  # written on other branches
 
 
 def doc_references(text: str):
