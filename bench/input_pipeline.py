@@ -4,8 +4,8 @@ The data is generated: --num_images CIFAR10-shaped images (32x32x3, smooth rando
 as PNG bytes and decoded per example like TFDS's ArrayRecord source does, served through this
 project's own pipeline (`data.train_iterator`: TfdsImageSource, shuffle, random flip, batch,
 per-host shard, `mp_prefetch` workers). What is not measured: reading the ArrayRecord files from
-disk (the bytes here are in memory). For the accelerator target of the README, the trainer eats 60
-steps/s x 128 = 7,680 CIFAR10 images/s.
+disk (the bytes here are in memory). For the accelerator target (bench/README.md "Accelerators"),
+the trainer eats 60 steps/s x 128 = 7,680 CIFAR10 images/s.
 
 usage: python bench/input_pipeline.py [--workers=0,2,4] [--batch=128] [--batches=200]
          [--num_images=10000]

@@ -205,7 +205,7 @@ def main():
     "--json", default=os.path.join(REPO, "bench", "results", "step_throughput.json")
   )
   args = parser.parse_args()
-  # as `ddpm_jax.main` runs (README "Performance"), before any computation
+  # as `ddpm_jax.main` runs (bench/README.md "What was tried"), before any computation
   host_memory = False if args.no_cpu_options else xla_cpu.keep_host_memory()
   config = load_config(args.config, args.set)
   if args.batch:

@@ -94,13 +94,15 @@ def main(argv):
     # every key, before any device or file is touched
     validation.validate(FLAGS.config, mode=FLAGS.mode)
     storage.check_reachable(FLAGS.workdir, what="--workdir")  # a missing bucket: now, not later
-    xla_cpu.synchronous_dispatch()  # before JAX's backends start (README "Performance")
+    # before JAX's backends start (bench/README.md "What was tried")
+    xla_cpu.synchronous_dispatch()
     parallel.maybe_initialize_distributed(FLAGS.config.distributed)
     if jax.process_index() > 0:  # one log for the whole job: process 0's
       logging.set_verbosity(logging.WARNING)
     if xla_cpu.retain_freed_memory_on_one_cpu():  # each train step reuses the last one's pages
       logging.info(
-        'CPU: synchronous dispatch, freed host memory kept for reuse (README "Performance").'
+        "CPU: synchronous dispatch, freed host memory kept for reuse "
+        '(bench/README.md "What was tried").'
       )
     run(FLAGS.config, FLAGS.workdir, FLAGS.mode)
   except train.NonFiniteError as e:

@@ -1,4 +1,4 @@
-"""XLA:CPU settings for the train step, measured on the U-Net (README "Performance").
+"""XLA:CPU settings for the train step, measured on the U-Net (bench/README.md "What was tried").
 
 Compile options. XLA:CPU hands dots, convolutions and reductions to YNNPACK by default. For the
 train step XLA's own convolutions are faster (+14-16% images/s on 2 cores); for the forward pass,

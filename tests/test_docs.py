@@ -12,6 +12,10 @@ repository, the package's command lines in-process through tests/docs_runner.py,
 module (ddpm_jax.main with the Inception conversion, ddpm_jax.metrics, ddpm_jax.convert), the main
 job first so that one tiny trained workdir serves every later command; launch scripts with
 --dry-run. OVERRIDES lists what is added to each command.
+
+Also: the README's test command is .ci/run's; every relative link of the documents reaches a file
+and heading; every reference of the code (ddpm_jax/, bench/, configs/, launch/) to README.md,
+docs/*.md or bench/README.md names a file, and a section, that exist.
 """
 
 import concurrent.futures
@@ -70,7 +74,7 @@ SKIPS = [
 
 # What is added or replaced so that a command runs offline in seconds.
 TINY_T = 100  # >= every documented sampling.num_steps (100), so those stay as written
-# appended to each `ddpm_jax.main` / `convert import` with configs/digits.py, replacing the
+# appended to each `ddpm_jax.main` / `convert import` with configs/digits*.py, replacing the
 # command's own value of the same key (a key given twice is an error on the command line)
 TINY = [
   "--config.data.image_size=8",
@@ -81,7 +85,7 @@ TINY = [
   "--config.training.batch_size=8",
   "--config.training.warmup_steps=2",
   "--config.training.log_every=2",
-  "--config.training.checkpoint_every=2",
+  "--config.training.checkpoint_every=4",  # one checkpoint: evaluate_watch evaluates it alone
   "--config.training.num_grid_samples=4",
   "--config.sampling.batch_size=8",
   "--config.sampling.num_samples=8",
@@ -94,7 +98,11 @@ TINY = [
   "--config.evaluation.sample_chunk_size=8",
   "--config.evaluation.num_fid_reference=8",
   "--config.evaluation.watch_poll_secs=1",
+  "--config.inpaint.num_images=2",
+  "--config.inpaint.num_samples=2",
+  "--config.inpaint.num_resamplings=2",
 ]
+TINY_CONFIGS = re.compile(r"^--config=configs/digits\w*\.py$")  # the configs TINY applies to
 METRICS_FLAGS = ["--batch_size=8", "--progress=false"]  # after `python -m ddpm_jax.metrics`
 IMAGE_FOLDER = "images"  # 8 digits as PNGs, written by the test
 REPLACE = {  # documented paths -> what the tiny run has
@@ -105,13 +113,16 @@ REPLACE = {  # documented paths -> what the tiny run has
   "samples.npz": f"runs/digits/samples/ckpt_4_n8_seed0_ancestral{TINY_T}/samples.npz",  # bare name
 }
 OVERRIDES = {
-  "ddpm_jax.main / convert import with configs/digits.py": "TINY (replacing the same keys)",
+  "ddpm_jax.main / convert import with configs/digits*.py": "TINY (replacing the same keys)",
   "python -m ddpm_jax.metrics": "METRICS_FLAGS inserted",
   "launch/*.sh": "--dry-run inserted (prints the commands, runs none)",
   "paths": "REPLACE",
   "duplicates": "a command equal to an earlier one up to --workdir runs once",
 }
 MIN_COMMANDS, MIN_RUN = 50, 25  # the extraction cannot silently find nothing
+# Linked and named before they are merged (written on other branches); once they exist, their links,
+# headings and commands are checked like every other document's.
+NOT_YET_MERGED = ("docs/conditional.md", "docs/editing.md")
 
 
 @dataclasses.dataclass
@@ -219,7 +230,7 @@ def tiny_argv(part: Part):
   argv = [f"python -m {tokens[2]}", *tokens[3:]]
   if kind == "metrics":
     argv[1:1] = METRICS_FLAGS
-  if "--config=configs/digits.py" in tokens:  # TINY's keys replace the command's own
+  if any(TINY_CONFIGS.match(t) for t in tokens):  # TINY's keys replace the command's own
     keys = {flag.split("=")[0] for flag in TINY}
     argv = [t for t in argv if t.split("=")[0] not in keys] + TINY
   return kind, argv
@@ -389,7 +400,7 @@ def test_every_relative_link_reaches_a_file_and_heading():
       path, _, anchor = link.partition("#")
       target = os.path.normpath(os.path.join(os.path.dirname(doc), path)) if path else doc
       if not os.path.exists(os.path.join(REPO, target)):
-        if target not in ("docs/conditional.md", "docs/editing.md"):  # written on other branches
+        if target not in NOT_YET_MERGED:
           broken.append(f"{doc}: {link}")
         continue
       if anchor:
@@ -398,3 +409,65 @@ def test_every_relative_link_reaches_a_file_and_heading():
         if anchor not in {github_anchor(h) for h in headings}:
           broken.append(f"{doc}: {link}")
   assert not broken, broken
+
+
+# The documents the code names: README (README.md), bench/README.md or docs/NAME.md, optionally
+# followed by a section in quotes ('README.md ("The main job: what to expect")',
+# 'docs/evaluation.md, "Inception weights"', 'README "Performance"'), on one line.
+DOC_REFERENCE = re.compile(
+  r"(?P<doc>bench/README\.md|docs/[\w-]+\.md|\bREADME(?:\.md)?\b)"
+  r"(?:'s)?(?:,? \(?(?:section )?(?P<quote>[\"'])(?P<section>[^\"']+)(?P=quote))?"
+)
+CODE_FOLDERS = ("ddpm_jax", "bench", "configs", "launch")
+
+
+def doc_references(text: str):
+  """(document path in the repository, section or "") of each reference in `text`."""
+  for match in DOC_REFERENCE.finditer(text):
+    doc = match.group("doc")
+    yield ("README.md" if doc.startswith("README") else doc), match.group("section") or ""
+
+
+def code_files():
+  for top in CODE_FOLDERS:
+    for folder, _, names in os.walk(os.path.join(REPO, top)):
+      for name in names:
+        if name.endswith((".py", ".sh", ".sbatch")):
+          yield os.path.relpath(os.path.join(folder, name), REPO)
+
+
+def headings_of(doc: str) -> set[str]:
+  with open(os.path.join(REPO, doc)) as f:
+    return {h.strip() for h in re.findall(r"^#+ (.+)$", f.read(), re.M)}
+
+
+def broken_references(path: str, text: str) -> list[str]:
+  broken = []
+  for number, line in enumerate(text.splitlines(), 1):
+    for doc, section in doc_references(line):
+      if not os.path.exists(os.path.join(REPO, doc)):
+        if doc not in NOT_YET_MERGED:
+          broken.append(f"{path}:{number}: {doc} does not exist")
+      elif section and section not in headings_of(doc):
+        broken.append(f"{path}:{number}: {doc} has no section {section!r}")
+  return broken
+
+
+def test_the_references_of_the_code_to_the_docs_name_files_and_sections_that_exist():
+  broken, found = [], 0
+  for path in code_files():
+    with open(os.path.join(REPO, path)) as f:
+      text = f.read()
+    found += sum(1 for _ in doc_references(text))
+    broken += broken_references(path, text)
+  assert found >= 10, found  # the pattern still finds the references
+  assert not broken, "\n".join(broken)
+  # A stale reference fails: the old README section, a missing file, a misnamed section.
+  assert broken_references("x.py", 'see README "Performance"') == [
+    "x.py:1: README.md has no section 'Performance'"
+  ]
+  assert broken_references("x.py", "in docs/nowhere.md") == [
+    "x.py:1: docs/nowhere.md does not exist"
+  ]
+  assert broken_references("x.py", "(see the README's 'Inception weights and FID')") != []
+  assert broken_references("x.py", 'docs/evaluation.md, "Inception weights"') == []

@@ -1,10 +1,11 @@
-"""The README's main job: a 1.1M-parameter U-Net on the built-in offline dataset (scikit-learn's
-1,797 handwritten digits, upscaled to 16x16, one channel), 3,000 steps of batch 32 (about four
-minutes on a 2-core CPU), then a grid of 100 samples from the EMA weights.
+"""The main job of README.md ("The main job: what to expect"): a 1.1M-parameter U-Net on the
+built-in offline dataset (scikit-learn's 1,797 handwritten digits, upscaled to 16x16, one channel),
+3,000 steps of batch 32 (about four minutes on a 2-core CPU), then a grid of 100 samples from the
+EMA weights.
 
 The paper's recipe (eps prediction, fixed large variances, L_simple, Adam with warmup and clipping,
 an EMA of the weights) on a smaller network and a shorter, steeper schedule (T = 200). How it was
-tuned, with bench/digits_quality.py, is in bench/README.md.
+tuned, with bench/digits_quality.py: bench/README.md "Summary".
 """
 
 from ddpm_jax.configs import default

@@ -142,8 +142,8 @@ def compute(inputs: list[str]) -> dict:
   if len(stats_inputs) < len(inputs):  # some images: the network is needed
     if not FLAGS.inception_weights:
       raise errors.ConfigError(
-        "--inception_weights is required for image inputs (see the README's "
-        "'Inception weights and FID')."
+        "--inception_weights is required for image inputs; how to get the file: "
+        'docs/evaluation.md, "Inception weights".'
       )
     params = inception.load_params(FLAGS.inception_weights)
     feature_fn = inception.make_feature_fn(params, resize=FLAGS.resize, batch_size=FLAGS.batch_size)

@@ -271,7 +271,8 @@ def _read_npz(path: str) -> dict:
   if not storage.is_file(path):
     raise errors.ConfigError(
       f"Inception weights file {path!r} does not exist; convert one with "
-      "`python -m ddpm_jax.metrics.convert_inception SRC OUT.npz` (see the README)."
+      "`python -m ddpm_jax.metrics.convert_inception SRC OUT.npz` "
+      '(docs/evaluation.md, "Inception weights").'
     )
   try:
     arrays = storage.load_npz(path)

@@ -75,7 +75,8 @@ def _dense_fwd(x, kernel, bias):
 
 def _dense_bwd(residuals, g):
   """The gradients as plain 2-D products over the flattened leading axes: XLA:CPU runs these faster
-  than the batched dot_generals autodiff derives for a [B, H, W, C] input (README "Performance")."""
+  than the batched dot_generals autodiff derives for a [B, H, W, C] input (measured in
+  bench/README.md "What was tried")."""
   x, kernel = residuals
   rows_x, rows_g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
   return g @ kernel.T, jnp.einsum("mi,mo->io", rows_x, rows_g), rows_g.sum(axis=0)
@@ -156,8 +157,8 @@ class GroupNorm(nn.Module):
 
   The same function and parameters ('scale', 'bias') as `nn.GroupNorm`, formulated for XLA: the
   statistics are reductions over H, W to [B, C] (then summed per group), not over a regrouped
-  [B, H*W, G, C/G] view, and the gradient is the closed form (`group_norm`); README "Performance"
-  says what each bought.
+  [B, H*W, G, C/G] view, and the gradient is the closed form (`group_norm`); what each bought is in
+  bench/README.md "What was tried".
   """
 
   dtype: Any = jnp.float32
