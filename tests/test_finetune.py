@@ -20,6 +20,8 @@ from test_convert import write_tf_checkpoint
 
 from conftest import tiny_config
 from ddpm_jax import checkpoint
+from ddpm_jax import finetune
+from ddpm_jax import parallel
 from ddpm_jax import state as state_lib
 from ddpm_jax import train
 from ddpm_jax.errors import ConfigError
@@ -108,6 +110,16 @@ def test_a_tf_checkpoint_gives_its_ema_outputs_at_step_0(tmp_path):
     x, t = inputs()
     error = float(np.abs(eps(config, state.params, x, t) - torch_eps(ema_model, x, t)).max())
   assert error <= 1e-4, error
+  # a conditional config fits the (unconditional) checkpoint with its class embedding at zero
+  conditional = finetune_config(prefix, model__num_classes=10)
+  mesh = parallel.make_mesh()
+  fitted = finetune.fit_params(
+    finetune.read_source(prefix, mesh=mesh),
+    finetune.expected_params(conditional, state_lib.build(conditional), mesh=mesh),
+    num_levels=2,
+    zero_if_missing=finetune.ZERO_IF_MISSING,
+  )
+  assert fitted.zeroed == (("class_embed", "embedding"),)
 
 
 def test_weights_that_do_not_fit_are_one_sentence_naming_the_tensors(tmp_path, source_workdir):

@@ -4,6 +4,7 @@ plain Python loop over it, the kept region, the result files, and the user error
 import functools
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -161,6 +162,29 @@ def test_repaint_matches_a_plain_loop_and_keeps_the_known_region(tiny_model):
     images.to_uint8(np.where(kept[:1], images.to_model_input(uint8_input), 0.3)),
     np.where(kept[:1], uint8_input, images.to_uint8(np.float32(0.3))),
   )
+
+
+def test_the_whole_schedule_is_one_loop_with_one_network_call(tiny_model):
+  """RePaint's 25 moves trace to one while loop whose body calls the network once (traced, not
+  compiled): compile time does not grow with T, the jump length or the passes."""
+  config, built, params = tiny_model
+  fn = repaint.make_inpainter(
+    repaint.model_apply(built.model),
+    built.diffusion,
+    parallel.make_mesh(),
+    image_shape=(8, 8, 1),
+    jump_length=JUMP,
+    num_resamplings=PASSES,
+  )
+  x0 = np.zeros((2, 8, 8, 1), np.float32)
+  key, ids = streams.key(0, streams.INPAINT), np.arange(2, dtype=np.int32)
+  text = str(jax.make_jaxpr(fn)(params, key, ids, x0, x0))
+  assert len(re.findall(r"= (?:scan|while)\[", text)) == 1  # fori_loop: a scan (static bounds)
+  # the network's convolutions appear as often as in one U-Net forward, not once per move
+  one_forward = str(
+    jax.make_jaxpr(lambda p, x: built.model.apply(p, x, ids, train=False))(params, x0)
+  )
+  assert text.count("conv_general_dilated[") == one_forward.count("conv_general_dilated[") > 0
 
 
 # ----------------------------------------------------------------------------- the mode

@@ -43,10 +43,8 @@ def tf_name(path) -> str:
     scope = f"{direction}_{level}/{kind}" + (f"_{index}" if index is not None else "")
   layer = inner[-1] if inner else module
   is_norm = layer.startswith("norm")  # GroupNorm: gamma/beta; dense, conv and nin: W/b
-  name = {"kernel": "W", "embedding": "W", "scale": "gamma", "bias": "beta" if is_norm else "b"}[
-    leaf
-  ]
-  return "/".join(["model", scope, *inner, name])
+  names = {"kernel": "W", "embedding": "W", "scale": "gamma", "bias": "beta" if is_norm else "b"}
+  return "/".join(["model", scope, *inner, names[leaf]])
 
 
 def checkpoint_prefix(path: str) -> str | None:
