@@ -123,6 +123,6 @@ def read_checkpoint(prefix: str, *, raw: bool = False):
     description=f"the TF checkpoint {prefix}",
     arrays=arrays,
     name_of=lambda path, _num_levels: tf_name(path) + suffix,
-    to_flax=lambda value, _rank, _leaf: value,
+    to_flax=lambda value, _rank, _leaf=None: value,
   )
   return source, step
