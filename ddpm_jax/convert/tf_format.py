@@ -25,6 +25,9 @@ _TOP_LEVEL_SCOPES = {
   "mid_block_1": "mid/block_1",
   "mid_attn": "mid/attn_1",
   "mid_block_2": "mid/block_2",
+  # a conditional model's class embedding: the official (unconditional) models have none, so no
+  # checkpoint holds this name and their shape reads as num_classes = 0
+  "class_embed": "class_embed",
 }
 _LEVEL_MODULE = re.compile(r"(down|up)_(\d+)_(block|attn|downsample|upsample)(?:_(\d+))?$")
 
@@ -42,7 +45,9 @@ def tf_name(path) -> str:
     scope = f"{direction}_{level}/{kind}" + (f"_{index}" if index is not None else "")
   layer = inner[-1] if inner else module
   is_norm = layer.startswith("norm")  # GroupNorm: gamma/beta; dense, conv and nin: W/b
-  name = {"kernel": "W", "scale": "gamma", "bias": "beta" if is_norm else "b"}[leaf]
+  name = {"kernel": "W", "scale": "gamma", "bias": "beta" if is_norm else "b", "embedding": "emb"}[
+    leaf
+  ]
   return "/".join(["model", scope, *inner, name])
 
 
