@@ -19,6 +19,8 @@ from PIL import Image
 from sklearn import datasets
 from test_evaluate import low_rank_frechet_distance
 
+from conftest import config_flags
+from conftest import run_cli
 from conftest import tiny_config
 from conftest import write_test_inception_weights
 from ddpm_jax import checkpoint
@@ -137,6 +139,35 @@ def test_resume_with_labels_equals_uninterrupted_bitwise(workdir, tmp_path):
   full, step = checkpoint.restore_ema_params(cond_config(), str(workdir), built=built, mesh=mesh)
   assert step == int(resumed.step) == 4
   jax.tree.map(np.testing.assert_array_equal, full, jax.device_get(resumed.ema_params))
+
+
+def _raw_params(workdir):
+  """The (non-EMA) params of the newest checkpoint of a tiny conditional run."""
+  built, mesh = state_lib.build(cond_config()), parallel.make_mesh()
+  abstract = state_lib.abstract_state(built.model, built.tx, shape=(8, 8, 1), mesh=mesh)
+  manager = checkpoint.make_manager(str(workdir), keep=1, read_only=True)
+  return jax.device_get(checkpoint.restore(manager, abstract_state=abstract).params)
+
+
+def test_two_devices_continue_a_conditional_run_as_one_does(workdir, tmp_path):
+  """Resumed at step 2 on 2 host devices (a fresh process), the run ends at step 4 where the
+  1-device run does, to float32 rounding (the gradient's reduction order): each example's label
+  and its dropout follow the example, not the device it lands on."""
+  shutil.copytree(workdir, tmp_path / "cut", ignore=shutil.ignore_patterns("samples", "events.*"))
+  shutil.rmtree(tmp_path / "cut" / "checkpoints" / "4")
+  config = cond_config(training__num_grid_samples=0)
+  result = run_cli(
+    "--config=configs/digits.py",
+    *config_flags(config, "data", "model", "diffusion", "training"),
+    f"--workdir={tmp_path / 'cut'}",
+    env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(b, a, rtol=2e-4, atol=2e-5),
+    _raw_params(workdir),
+    _raw_params(tmp_path / "cut"),
+  )
 
 
 def test_training_writes_a_class_grid(workdir):

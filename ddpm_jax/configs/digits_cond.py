@@ -2,8 +2,9 @@
 config (ddpm_jax/configs/digits.py) with a class embedding over the 10 digits, 10% of the labels
 dropped to the null label in training, and a class grid (row k = digit k) at the end.
 
-About five minutes on a 2-core CPU; bench/digits_cond_quality.py measures how often the samples
-are the requested digit at guidance scales w = 0, 1, 3 (docs/conditional.md).
+4,000 steps: about five minutes on a quiet 2-core CPU at the digits run's speed (31 minutes were
+measured on one shared with two other busy processes); bench/digits_cond_quality.py measures how
+often the samples are the requested digit at guidance scales w = 0, 1, 3 (docs/conditional.md).
 """
 
 from ddpm_jax.configs import digits

@@ -27,7 +27,8 @@ class Source(NamedTuple):
   description: str  # what the weights are, for messages: "the TF checkpoint /x/model.ckpt-10"
   arrays: dict  # foreign name -> numpy array in the foreign layout
   name_of: Callable[[tuple, int], str]  # (our param path, number of U-Net levels) -> foreign name
-  # (foreign array, rank of our param, its leaf name e.g. 'kernel' or 'embedding') -> our layout
+  # (foreign array, rank of our param, its leaf name e.g. "kernel" or "embedding"; optional, for
+  # callers that pass two) -> our layout
   to_flax: Callable[[np.ndarray, int, str], np.ndarray]
 
 

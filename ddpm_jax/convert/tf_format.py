@@ -25,7 +25,9 @@ _TOP_LEVEL_SCOPES = {
   "mid_block_1": "mid/block_1",
   "mid_attn": "mid/attn_1",
   "mid_block_2": "mid/block_2",
-  "class_embed": "class_embed",  # no official checkpoint has one (they are unconditional)
+  # a conditional model's class embedding: the official (unconditional) models have none, so no
+  # checkpoint holds this name and their shape reads as num_classes = 0
+  "class_embed": "class_embed",
 }
 _LEVEL_MODULE = re.compile(r"(down|up)_(\d+)_(block|attn|downsample|upsample)(?:_(\d+))?$")
 
@@ -43,8 +45,10 @@ def tf_name(path) -> str:
     scope = f"{direction}_{level}/{kind}" + (f"_{index}" if index is not None else "")
   layer = inner[-1] if inner else module
   is_norm = layer.startswith("norm")  # GroupNorm: gamma/beta; dense, conv and nin: W/b
-  names = {"kernel": "W", "embedding": "W", "scale": "gamma", "bias": "beta" if is_norm else "b"}
-  return "/".join(["model", scope, *inner, names[leaf]])
+  name = {"kernel": "W", "scale": "gamma", "bias": "beta" if is_norm else "b", "embedding": "emb"}[
+    leaf
+  ]
+  return "/".join(["model", scope, *inner, name])
 
 
 def checkpoint_prefix(path: str) -> str | None:
@@ -124,6 +128,6 @@ def read_checkpoint(prefix: str, *, raw: bool = False):
     description=f"the TF checkpoint {prefix}",
     arrays=arrays,
     name_of=lambda path, _num_levels: tf_name(path) + suffix,
-    to_flax=lambda value, _rank, _leaf: value,
+    to_flax=lambda value, _rank, _leaf=None: value,
   )
   return source, step
