@@ -105,10 +105,12 @@ TINY = [
 TINY_CONFIGS = re.compile(r"^--config=configs/digits\w*\.py$")  # the configs TINY applies to
 METRICS_FLAGS = ["--batch_size=8", "--progress=false"]  # after `python -m ddpm_jax.metrics`
 IMAGE_FOLDER = "images"  # 8 digits as PNGs, written by the test
+CLASS_FOLDER = "class_folders"  # two classes (a, b) of the 8 digits, written by the test
 MASK = "mask.png"  # a 16x16 mask (white = keep: the left half), written by the test
 REPLACE = {  # documented paths -> what the tiny run has
   "path/to/images": IMAGE_FOLDER,
   "path/to/mask.png": MASK,
+  "path/to/class_folders": CLASS_FOLDER,
   "path/to/train_images": IMAGE_FOLDER,
   "my_images": IMAGE_FOLDER,
   "ckpt_3000_n1000_seed0_ancestral200": f"ckpt_4_n8_seed0_ancestral{TINY_T}",
@@ -122,9 +124,6 @@ OVERRIDES = {
   "duplicates": "a command equal to an earlier one up to --workdir runs once",
 }
 MIN_COMMANDS, MIN_RUN = 50, 25  # the extraction cannot silently find nothing
-# Linked and named before they are merged (written on other branches); once they exist, their links,
-# headings and commands are checked like every other document's.
-NOT_YET_MERGED = ("docs/conditional.md",)
 
 
 @dataclasses.dataclass
@@ -289,9 +288,6 @@ def write_image_folder(folder: str) -> None:
   for i, digit in enumerate(load_digits().images[:8]):
     pixels = np.kron(digit * 255 / 16, np.ones((2, 2))).astype(np.uint8)
     Image.fromarray(pixels, "L").save(os.path.join(folder, f"{i}.png"))
-  keep = np.zeros((16, 16), np.uint8)
-  keep[:, :8] = 255
-  Image.fromarray(keep, "L").save(os.path.join(os.path.dirname(folder), MASK))
 
 
 def run_runner(cwd: str, commands: list[dict], name: str):
@@ -334,6 +330,11 @@ def ran(tmp_path_factory):
   for name in ("configs", "launch", "bench"):
     os.symlink(os.path.join(REPO, name), os.path.join(cwd, name))
   write_image_folder(os.path.join(cwd, IMAGE_FOLDER))
+  for name in ("a", "b"):
+    write_image_folder(os.path.join(cwd, CLASS_FOLDER, name))
+  keep = np.zeros((16, 16), np.uint8)
+  keep[:, :8] = 255
+  Image.fromarray(keep, "L").save(os.path.join(cwd, MASK))
   groups = {"main": [], "metrics": [], "convert": [], "launch": []}
   seen = set()
   for i, part in enumerate(runnable()):
@@ -405,8 +406,7 @@ def test_every_relative_link_reaches_a_file_and_heading():
       path, _, anchor = link.partition("#")
       target = os.path.normpath(os.path.join(os.path.dirname(doc), path)) if path else doc
       if not os.path.exists(os.path.join(REPO, target)):
-        if target not in NOT_YET_MERGED:
-          broken.append(f"{doc}: {link}")
+        broken.append(f"{doc}: {link}")
         continue
       if anchor:
         with open(os.path.join(REPO, target)) as f:
@@ -451,8 +451,7 @@ def broken_references(path: str, text: str) -> list[str]:
   for number, line in enumerate(text.splitlines(), 1):
     for doc, section in doc_references(line):
       if not os.path.exists(os.path.join(REPO, doc)):
-        if doc not in NOT_YET_MERGED:
-          broken.append(f"{path}:{number}: {doc} does not exist")
+        broken.append(f"{path}:{number}: {doc} does not exist")
       elif section and section not in headings_of(doc):
         broken.append(f"{path}:{number}: {doc} has no section {section!r}")
   return broken
