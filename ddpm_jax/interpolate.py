@@ -6,6 +6,10 @@ two sources get independent noise (as the official code); both that noise and th
 process's noise depend only on the pair, never on lambda or t, so along a row only lambda changes
 (the paper fixes the noise the same way).
 
+A conditional model is interpolated unconditionally: the decoder gives the network the null label
+(no class; Ho & Salimans 2022) and no guidance, whatever config.sampling.labels and guidance_scale
+say, and the results' record and folder name say labels "null" and no w.
+
 The decoder is config.sampling's sampler (the paper's: ancestral over every step): with fewer steps
 (respacing or DDIM) it takes the kept steps below t, plus t itself. Each t is one compiled
 `lax.fori_loop`.
@@ -79,6 +83,7 @@ def make_interpolator(
       x_t_prime = dm.q_sample(d, x2, t_batch, sampling.draw_normal(q_keys, 2, shape))
       lam = lam.reshape((ids.shape[0],) + (1,) * len(shape))
       x = (1.0 - lam) * x_t + lam * x_t_prime
+      # y = None: a conditional model sees the null label (unguided)
       body = lambda i, x: step_fn(params, x, len(kept) - 1 - i, p_keys)[0]
       return images.to_uint8(jax.lax.fori_loop(0, len(kept), body, x))
 
@@ -163,6 +168,14 @@ def rows_picture(decoded: np.ndarray, sources1: np.ndarray, sources2: np.ndarray
   return images.make_grid(strip.reshape((-1,) + strip.shape[2:]), ncols=strip.shape[1])
 
 
+def decoder_record(config) -> dict:
+  """`sampling.record` of the decoder: for a conditional model labels "null" and no guidance scale
+  (the decoder uses neither config.sampling.labels nor guidance_scale)."""
+  out = sampling.record(config, labels="null")
+  out.pop("guidance_scale", None)
+  return out
+
+
 def run(config, workdir: str) -> str | None:
   """--mode=interpolate: writes t<t>.png per t, coarse_to_fine.png and interpolations.npz to a new
   folder named after the checkpoint, the seed and the sampler."""
@@ -186,7 +199,14 @@ def run(config, workdir: str) -> str | None:
     **options,
   )
   timesteps = [int(t) for t in c.timesteps]
-  tag = sampling.tag(sampling.record(config))
+  record = decoder_record(config)
+  tag = sampling.tag(record)
+  if built.model.num_classes:
+    logging.info(
+      "The conditional model is interpolated with the null label (unconditional); "
+      "config.sampling.guidance_scale = %g is not used.",
+      float(config.sampling.get("guidance_scale", 0.0)),
+    )
   logging.info(
     "Interpolating %d pairs at t = %s, %d lambdas, with the EMA parameters of step %d (%s).",
     len(sources1),
@@ -231,7 +251,7 @@ def run(config, workdir: str) -> str | None:
     storage.join(out, "timesteps_and_lambdas.txt"),
     f"rows of t<t>.png: pairs; columns: source 1, lambda = {list(c.lambdas)}, source 2\n"
     f"rows of coarse_to_fine.png: pair {pair} at t = {timesteps}\n"
-    f"decoded with: {sampling.record(config)}\n",
+    f"decoded with: {record}\n",
   )
   logging.info("Wrote %s (t<t>.png per t, coarse_to_fine.png, interpolations.npz).", out)
   return out

@@ -47,6 +47,19 @@ def grid_columns(num_classes: int, num_samples: int) -> int:
   return max(1, math.ceil(num_samples / num_classes))
 
 
+def grid_picture_ids(
+  num_classes: int, num_samples: int, *, max_images: int = 256
+) -> tuple[np.ndarray, int]:
+  """(ids, c): the sample ids, row-major, of a picture of a class grid of num_samples with c columns
+  and row k = class k: samples k * ceil(N / K) + j for j < c = min(ceil(N / K), max_images // K)
+  (ids past the samples drawn left out, so a short last row ends early). The first max_images
+  samples instead would show only the first few classes once N > max_images."""
+  ncols = grid_columns(num_classes, num_samples)
+  c = max(1, min(ncols, max_images // num_classes))
+  ids = (np.arange(num_classes)[:, None] * ncols + np.arange(c)[None, :]).ravel()
+  return ids[ids < num_samples], c
+
+
 def table(spec, *, num_classes: int, num_samples: int) -> np.ndarray:
   """The int32 label table of a spec: sample i has label table[i % len(table)]."""
   parsed = parse(spec, num_classes=num_classes)

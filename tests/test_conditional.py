@@ -170,12 +170,77 @@ def test_two_devices_continue_a_conditional_run_as_one_does(workdir, tmp_path):
   )
 
 
-def test_training_writes_a_class_grid(workdir):
-  """The training grid of a conditional model is a class grid: num_grid_samples = 4 over 10
-  classes is one column, rows 0..3."""
-  grid = np.asarray(Image.open(workdir / "samples" / "step_4.png"))
-  factor = math.ceil(512 / (8 + 2 * 2))  # save_png enlarges to >= 512 pixels wide
-  assert grid.shape[:2] == ((4 * (8 + 2) + 2) * factor, (8 + 2 * 2) * factor)
+class LabelRecorder:
+  """A stand-in for the conditional U-Net that records the labels of every call (train: bool, y
+  [B]) and is cheap to compile: its output is x times the mean of its class embedding (so the
+  loss still has a gradient). Initialised as the real model."""
+
+  def __init__(self, model, calls):
+    self.model, self.num_classes, self.calls = model, model.num_classes, calls
+
+  def init(self, *args, **kwargs):
+    return self.model.init(*args, **kwargs)
+
+  def apply(self, params, x, t, y=None, *, train, dropout_keys=None):
+    jax.debug.callback(lambda y: self.calls.append((train, np.asarray(y))), y)
+    return x * jnp.mean(params["params"]["class_embed"]["embedding"])
+
+
+@pytest.fixture(scope="module")
+def recorded_run(tmp_path_factory):
+  """One training step (label dropout 0.5) and a class grid of 2K samples with the model replaced
+  by a LabelRecorder: (config, workdir, recorded calls)."""
+  config = cond_config(training__num_grid_samples=2 * K)
+  config.training.num_steps, config.training.label_dropout = 1, 0.5
+  path, calls = tmp_path_factory.mktemp("recorded") / "run", []
+  real_build = state_lib.build
+
+  def build(config):
+    built = real_build(config)
+    return built._replace(model=LabelRecorder(built.model, calls))
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(state_lib, "build", build)
+    train.train(config, str(path))
+  return config, path, calls
+
+
+def test_training_drops_labels_where_the_label_dropout_stream_says(recorded_run):
+  """The labels the model sees in a train step are the batch's labels with the null label exactly
+  where each example's EXAMPLE_LABEL_DROPOUT draw (rate 0.5) says so (Ho & Salimans 2022,
+  Algorithm 1), drawn by hand here."""
+  config, _, calls = recorded_run
+  seen = [y for is_train, y in calls if is_train]
+  batch = next(
+    iter(data.train_iterator(config.data, global_batch_size=8, seed=config.seed, num_classes=K))
+  )
+  step_key = jax.random.fold_in(streams.key(config.seed, streams.TRAINING), 0)
+  drop = np.asarray(
+    [
+      jax.random.bernoulli(
+        jax.random.fold_in(jax.random.fold_in(step_key, i), streams.EXAMPLE_LABEL_DROPOUT), 0.5
+      )
+      for i in range(8)
+    ]
+  )
+  assert 0 < drop.sum() < 8 and np.all(np.asarray(batch["label"]) < K)
+  assert seen
+  for y in seen:
+    np.testing.assert_array_equal(y, np.where(drop, K, batch["label"]))
+
+
+def test_training_writes_a_class_grid(recorded_run):
+  """The training grid of a conditional model is a class grid: num_grid_samples = 2K over K classes
+  is two columns, and the two samples of row k ask for class k (one forward of the 2K samples per
+  step: w = 0)."""
+  _, path, calls = recorded_run
+  sampled = [y for is_train, y in calls if not is_train]
+  assert len(sampled) == 10  # T steps of one batch
+  for y in sampled:
+    np.testing.assert_array_equal(y.reshape(K, 2), np.repeat(np.arange(K)[:, None], 2, axis=1))
+  grid = np.asarray(Image.open(path / "samples" / "step_1.png"))
+  factor = math.ceil(512 / (2 * (8 + 2) + 2))  # save_png enlarges to >= 512 pixels wide
+  assert grid.shape[:2] == ((K * (8 + 2) + 2) * factor, (2 * (8 + 2) + 2) * factor)
 
 
 # ----------------------------------------------------------------------------- labels of the data

@@ -79,7 +79,7 @@ def dump_samples(config, workdir: str) -> str | None:
     dict(sampling.record(config), step=step, num_samples=c.num_samples, seed=int(config.seed)),
   )
   images.save_png(
-    storage.join(out, "grid.png"), images.make_grid(samples[:256], ncols=_grid_columns(config))
+    storage.join(out, "grid.png"), grid_picture(samples, num_classes=_grid_classes(config))
   )
   if chain is not None:
     images.save_png(storage.join(out, "progressive_x0.png"), images.chain_grid(chain.pred_xstart))
@@ -96,12 +96,22 @@ def dump_samples(config, workdir: str) -> str | None:
   return out
 
 
-def _grid_columns(config) -> int | None:
-  """A class grid's columns (row k = class k) when config.sampling.labels = 'grid', else None."""
+def grid_picture(samples: np.ndarray, *, num_classes: int = 0) -> np.ndarray:
+  """grid.png: the first 256 samples in a square grid, or with num_classes > 0 (labels = 'grid') a
+  class grid of at most 256 images, row k = class k (see `labels.grid_picture_ids`)."""
+  if not num_classes:
+    return images.make_grid(samples[:256])
+  ids, ncols = labels_lib.grid_picture_ids(num_classes, len(samples))
+  return images.make_grid(samples[ids], ncols=ncols)
+
+
+def _grid_classes(config) -> int:
+  """K when grid.png is a class grid (a conditional model, config.sampling.labels = 'grid'), else
+  0."""
   num_classes = unet.num_classes(config.model)
   if not num_classes or str(config.sampling.get("labels", "all")).strip() != "grid":
-    return None
-  return labels_lib.grid_columns(num_classes, config.sampling.num_samples)
+    return 0
+  return num_classes
 
 
 def _chain(config, built, mesh, params) -> sampling.Chain:
