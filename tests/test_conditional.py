@@ -26,6 +26,7 @@ from conftest import write_test_inception_weights
 from ddpm_jax import checkpoint
 from ddpm_jax import data
 from ddpm_jax import diffusion as dm
+from ddpm_jax import interpolate
 from ddpm_jax import labels as labels_lib
 from ddpm_jax import parallel
 from ddpm_jax import respace
@@ -347,6 +348,24 @@ def test_label_specs_and_class_grid_layout():
   assert labels_lib.describe("1,7,7") == "1-7-7"
 
 
+def test_grid_png_shows_one_row_per_class_for_any_num_samples():
+  """grid.png of labels = 'grid' with K = 3 and N = 400 (ceil(N / K) = 134 columns, more than 256
+  images): one row per class, min(134, 256 // 3) = 85 columns, row k = samples 134 k + j; with
+  N = 7 a short last row. Each fake 1x1 image holds its sample id's label (+ 1, as 0 is black)."""
+  for num_samples, rows in ((400, [[k] * 85 for k in range(3)]), (7, [[0] * 3, [1] * 3, [2]])):
+    table = labels_lib.table("grid", num_classes=3, num_samples=num_samples)
+    fake = (labels_lib.of_ids(table, np.arange(num_samples)) + 1).astype(np.uint8)
+    picture = samples_lib.grid_picture(fake.reshape(-1, 1, 1, 1), num_classes=3)[..., 0]
+    ncols = len(rows[0])
+    assert picture.shape == (3 * 3 + 2, ncols * 3 + 2)
+    cells = picture[2::3, 2::3]  # 1x1 images, padding 2
+    for k, row in enumerate(rows):
+      np.testing.assert_array_equal(cells[k, : len(row)], np.asarray(row) + 1)
+      assert np.all(cells[k, len(row) :] == 255)  # padding
+  ids, ncols = labels_lib.grid_picture_ids(3, 400)
+  assert ncols == 85 and list(ids[84:87]) == [84, 134, 135]
+
+
 def test_guidance_formula_in_one_batched_forward(fixed):
   """(1 + w) eps(x, y) - w eps(x, null) by hand, and the guided function calls the network once on
   the doubled batch; learned variances (the extra channels) come from the conditional half."""
@@ -374,6 +393,13 @@ def test_guidance_formula_in_one_batched_forward(fixed):
   expected_eps = (1 + w) * x * (y[:, None, None, None] + 1.0) - w * x * (K + 1.0)
   np.testing.assert_allclose(out[..., :1], expected_eps, rtol=1e-6)
   np.testing.assert_array_equal(out[..., 1:], x)
+
+  # w = 0: one forward of the batch B with the labels y (no doubled batch, no null pass)
+  calls.clear()
+  out = sampling.guided_model_fn(Recorder(), guidance_scale=0.0)(None, x, t, y)
+  assert len(calls) == 1 and calls[0][0] == 4
+  np.testing.assert_array_equal(calls[0][1], y)
+  np.testing.assert_array_equal(out, Recorder().apply(None, x, t, y, False))
 
 
 def _hand_sample(model, d, params, table, ids, *, w):
@@ -470,6 +496,24 @@ def test_every_sampler_is_guided(fixed, options):
   )
 
 
+def test_from_config_passes_the_guidance_scale(fixed):
+  """sampling.from_config (the sampler of every mode) at config.sampling.guidance_scale = 2 is
+  make_sampler at guidance_scale = 2, bitwise, and differs from w = 0."""
+  model, d, params = fixed
+  mesh = parallel.make_mesh()
+
+  def from_config(w):
+    config = cond_config(sampling__guidance_scale=w)
+    sample = sampling.from_config(config, state_lib.build(config), mesh, as_uint8=False)
+    ids = sampling.sample_ids(0, 4, mesh)
+    return np.asarray(parallel.to_host(sample(params, jax.random.key(5), ids)))
+
+  table = sampling.config_label_table(cond_config())
+  guided = from_config(2.0)
+  np.testing.assert_array_equal(guided, _draw(model, d, params, table, w=2.0))
+  assert np.abs(guided - from_config(0.0)).max() > 1e-2
+
+
 # ----------------------------------------------------------------------------- modes
 
 
@@ -487,6 +531,45 @@ def test_sample_mode_records_labels_and_w(workdir):
   grid = Image.open(f"{out}/grid.png")
   factor = math.ceil(512 / (2 * 10 + 2))
   assert grid.size == ((2 * 10 + 2) * factor, (K * 10 + 2) * factor)  # 2 columns, 10 rows
+
+
+def test_interpolation_of_a_conditional_model_is_unguided_with_the_null_label(workdir):
+  """--mode=interpolate of a conditional model (labels 'grid', w = 1.5 configured) decodes with the
+  null label and no guidance, and its folder and record say so (labels null, no w): its images
+  are those of a decoder whose network is given y = null explicitly."""
+  config = cond_config(sampling__labels="grid", sampling__guidance_scale=1.5)
+  config.interpolation.timesteps, config.interpolation.num_pairs = (10,), 1
+  config.interpolation.lambdas = (0.0, 0.5, 1.0)
+  out = interpolate.run(config, str(workdir))
+  assert out.endswith("ckpt_4_seed0_ancestral10_labelsnull"), out
+  text = open(f"{out}/timesteps_and_lambdas.txt").read()
+  assert "'labels': 'null'" in text and "guidance" not in text
+  saved = np.load(f"{out}/interpolations.npz")
+
+  built, mesh = state_lib.build(config), parallel.make_mesh()
+  params, _ = checkpoint.restore_ema_params(config, str(workdir), built=built, mesh=mesh)
+
+  class ExplicitNull:
+    num_classes = 0
+
+    def apply(self, params, x, t, y=None, *, train):
+      assert y is None
+      null = jnp.full((x.shape[0],), K, jnp.int32)
+      return built.model.apply(params, x, t, null, train=train)
+
+  fn = interpolate.make_interpolator(ExplicitNull(), built.diffusion, mesh, image_shape=(8, 8, 1))
+  by_hand = interpolate.interpolations(
+    fn,
+    params,
+    key=streams.key(config.seed, streams.INTERPOLATION),
+    sources1=saved["sources1"],
+    sources2=saved["sources2"],
+    lambdas=list(config.interpolation.lambdas),
+    timesteps=[10],
+    batch_size=config.sampling.batch_size,
+    mesh=mesh,
+  )
+  np.testing.assert_array_equal(saved["images"], by_hand)
 
 
 def test_bpd_is_conditional_on_the_true_label(fixed):
