@@ -143,13 +143,13 @@ def check_diffusion(config, mode: str):
 
 def check_model(config, mode: str):
   """The U-Net's own checks (levels, channels vs GroupNorm, image size, attention resolutions)."""
-  del mode
   _bool(config.model, "model", "resamp_with_conv")
   if "remat" in config.model:
     _bool(config.model, "model", "remat")
   if "num_classes" in config.model:  # (keys added later are optional in a saved config.json)
     _int(config.model, "model", "num_classes", minimum=0)
-    _check_labeled_dataset(config)
+    if {"train", "bpd"} & set(_modes(config, mode)):  # the modes that read the dataset's labels
+      _check_labeled_dataset(config)
   unet.create_model(
     config.model,
     image_size=config.data.image_size,
