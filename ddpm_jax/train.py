@@ -358,6 +358,7 @@ def train(config, workdir: str):
   writing checkpoints, sample grids and TensorBoard scalars. Returns the final state."""
   c = config.training
   validation.check(config, mode="train")
+  validation.check_init_from(config, workdir)
   warn_if_ema_too_slow(c)
   warn_if_null_label_untrained(config)
   built = state_lib.build(config)

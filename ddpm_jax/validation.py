@@ -410,6 +410,16 @@ def _modes(config, mode: str) -> tuple[str, ...]:
   return tuple(config.evaluation.watch_modes) if mode == "evaluate_watch" else (mode,)
 
 
+def check_init_from(config, workdir: str) -> None:
+  """A fine-tuning run starts in a workdir of its own: its source is another run's."""
+  src = config.training.get("init_from", "")
+  if src and storage.resolve(src).rstrip("/") == storage.resolve(workdir).rstrip("/"):
+    raise ConfigError(
+      f"config.training.init_from = {src!r} is this run's own --workdir; fine-tune into a new "
+      "workdir (the source run stays as it is)."
+    )
+
+
 def check(config, *, mode: str) -> None:
   """`validate` and `check_topology`: what every entry point of a mode runs first."""
   validate(config, mode=mode)
