@@ -22,6 +22,8 @@ def parse(spec, *, num_classes: int) -> str | tuple[int, ...]:
   if isinstance(spec, str) and spec.strip() in SPECS:
     return spec.strip()
   ids = spec.split(",") if isinstance(spec, str) else spec
+  if isinstance(ids, int) and not isinstance(ids, bool):  # --config.sampling.labels=3
+    ids = (ids,)
   try:
     if not isinstance(ids, Sequence) or any(isinstance(i, (bool, float)) for i in ids):
       raise ValueError
@@ -79,4 +81,6 @@ def describe(spec) -> str:
   """A folder-name-safe form of a spec: 'all', 'grid', '1-7-7'."""
   if isinstance(spec, str):
     return spec.strip().replace(",", "-").replace(" ", "")
+  if isinstance(spec, int):
+    return str(spec)
   return "-".join(str(int(i)) for i in spec)

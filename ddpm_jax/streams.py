@@ -14,9 +14,8 @@ TRAIN_GRID = 2  # the sample grids written during training
 SAMPLES = 3  # --mode=sample and FID samples: sample i from fold_in(key, i), the same in both
 BPD = 4  # --mode=bpd: example i's noise from fold_in(key, i)
 INTERPOLATION = 5  # --mode=interpolate: pair p's noise from fold_in(key, p)
-INPAINT = (
-  6  # --mode=inpaint: row r (image r // num_samples, sample r % num_samples): fold_in(key, r)
-)
+# --mode=inpaint: row r (image r // num_samples, sample r % num_samples): fold_in(key, r)
+INPAINT = 6
 
 SEED_STREAMS = dict(
   PARAMS=PARAMS,

@@ -291,6 +291,17 @@ def warn_if_ema_too_slow(c):
     )
 
 
+def warn_if_null_label_untrained(config):
+  """Classifier-free guidance needs the unconditional model too, which only label dropout trains:
+  without it the null label's embedding stays at its random initialization."""
+  if unet.num_classes(config.model) and not config.training.get("label_dropout", 0.0):
+    logging.warning(
+      "config.training.label_dropout = 0 never trains the null label, so this model cannot be "
+      "sampled with classifier-free guidance (sampling.guidance_scale != 0); Ho & Salimans (2022) "
+      "drop 10-20%% of the labels (--config.training.label_dropout=0.1)."
+    )
+
+
 def _write_classes(config, workdir: str) -> None:
   """WORKDIR/classes.json: the class names of a conditional model's image folder, by label."""
   if not unet.num_classes(config.model) or config.data.dataset != "image_folder":
@@ -347,7 +358,9 @@ def train(config, workdir: str):
   writing checkpoints, sample grids and TensorBoard scalars. Returns the final state."""
   c = config.training
   validation.check(config, mode="train")
+  validation.check_init_from(config, workdir)
   warn_if_ema_too_slow(c)
+  warn_if_null_label_untrained(config)
   built = state_lib.build(config)
   mesh = parallel.make_mesh()
   saved = checkpoint.read_config(workdir)

@@ -143,13 +143,13 @@ def check_diffusion(config, mode: str):
 
 def check_model(config, mode: str):
   """The U-Net's own checks (levels, channels vs GroupNorm, image size, attention resolutions)."""
-  del mode
   _bool(config.model, "model", "resamp_with_conv")
   if "remat" in config.model:
     _bool(config.model, "model", "remat")
   if "num_classes" in config.model:  # (keys added later are optional in a saved config.json)
     _int(config.model, "model", "num_classes", minimum=0)
-    _check_labeled_dataset(config)
+    if {"train", "bpd"} & set(_modes(config, mode)):  # the modes that read the dataset's labels
+      _check_labeled_dataset(config)
   unet.create_model(
     config.model,
     image_size=config.data.image_size,
@@ -408,6 +408,16 @@ def check_topology(config, *, mode: str) -> None:
 
 def _modes(config, mode: str) -> tuple[str, ...]:
   return tuple(config.evaluation.watch_modes) if mode == "evaluate_watch" else (mode,)
+
+
+def check_init_from(config, workdir: str) -> None:
+  """A fine-tuning run starts in a workdir of its own: its source is another run's."""
+  src = config.training.get("init_from", "")
+  if src and storage.resolve(src).rstrip("/") == storage.resolve(workdir).rstrip("/"):
+    raise ConfigError(
+      f"config.training.init_from = {src!r} is this run's own --workdir; fine-tune into a new "
+      "workdir (the source run stays as it is)."
+    )
 
 
 def check(config, *, mode: str) -> None:

@@ -135,6 +135,7 @@ def test_weights_that_do_not_fit_are_one_sentence_naming_the_tensors(tmp_path, s
       "have no place in it, the first 'down_1_attn_0",
     ),
     (finetune_config(tmp_path / "nothing"), "is neither a workdir of this project"),
+    (finetune_config(str(tmp_path / "run") + "/"), "is this run's own --workdir"),
   ]
   for config, message in cases:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")) as e:

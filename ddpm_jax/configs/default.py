@@ -4,6 +4,7 @@ Dataset files in this folder start from `get_config()` here and override what di
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config():
@@ -92,8 +93,9 @@ def get_config():
   sampling.eta = 0.0  # DDIM only: 0 deterministic, 1 ancestral-like noise
   # conditional models: the label of each sample. "all": sample i has label i % num_classes (an
   # equal share of each class); "grid": one row per class (row k = class k); or class ids "3" or
-  # "1,7,7" (sample i has the (i mod n)-th)
-  sampling.labels = "all"
+  # "1,7,7" or a list [1, 7, 7] (sample i has the (i mod n)-th); any type, so a config file may
+  # assign a list and --config.sampling.labels=3 or =1,7,7 parse as an int or a tuple
+  sampling.labels = config_dict.FieldReference("all", field_type=object)
   # classifier-free guidance w (Ho & Salimans 2022): eps = (1 + w) eps(x, y) - w eps(x, null);
   # 0: plain conditional sampling
   sampling.guidance_scale = 0.0
