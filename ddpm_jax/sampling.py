@@ -189,7 +189,9 @@ def guided_model_fn(model, *, guidance_scale: float = 0.0):
   """
 
   def apply(params, x, t, y):
-    if y is None or guidance_scale == 0:
+    if y is None:  # an unconditional model: the call of the paper's sampler, unchanged
+      return model.apply(params, x, t, train=False)
+    if guidance_scale == 0:
       return model.apply(params, x, t, y, train=False)
     null = jnp.full_like(y, model.num_classes)
     both = model.apply(

@@ -77,7 +77,7 @@ def source_workdir(tmp_path_factory):
 def test_a_workdir_gives_its_ema_weights_at_step_0(tmp_path, source_workdir, caplog):
   src, ema = source_workdir
   config = finetune_config(src)
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger="absl"):
     state = train.train(config, str(tmp_path / "run"))
   assert_fresh_start(state, config)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), ema)
@@ -148,7 +148,7 @@ def test_a_conditional_model_starts_from_an_unconditional_one(tmp_path, source_w
   gives the source's outputs for every label and the null label."""
   src, ema = source_workdir
   config = finetune_config(src, model__num_classes=10)
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger="absl"):
     state = train.train(config, str(tmp_path / "run"))
   assert_fresh_start(state, config)
   params = jax.device_get(state.params)
