@@ -2,8 +2,8 @@
 config (ddpm_jax/configs/digits.py) with a class embedding over the 10 digits, 10% of the labels
 dropped to the null label in training, and a class grid (row k = digit k) at the end.
 
-4,000 steps: about five minutes on a quiet 2-core CPU at the digits run's speed (31 minutes were
-measured on one shared with two other busy processes); bench/digits_cond_quality.py measures how
+4,000 steps: 8 min 21 s on a quiet 2-core CPU (about 9.3 steps/s, class grid included);
+bench/digits_cond_quality.py measures how
 often the samples are the requested digit at guidance scales w = 0, 1, 3 (docs/conditional.md).
 """
 
