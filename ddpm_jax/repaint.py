@@ -186,7 +186,7 @@ def make_inpainter(
       start, to = jnp.asarray(moves.start)[i], jnp.asarray(moves.to)[i]
       x = jax.lax.cond(to < start, lambda x: reverse(i, x, start), lambda x: forward(i, x), x)
       if on_step is not None:
-        sampling._report_step(i + 1, num_moves, on_step)  # pylint: disable=protected-access
+        sampling.report_step(i + 1, num_moves, on_step)
       return x
 
     x = jax.lax.fori_loop(0, num_moves, body, x)

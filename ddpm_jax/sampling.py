@@ -262,8 +262,9 @@ def make_sampler(
   update uses the schedule respaced to them. `method`: "ancestral" (p_sample) or "ddim" with `eta`.
   x_T and the noise of the step from t are drawn from `fold_in(fold_in(key, id), T or t)` whatever
   is kept. `as_uint8=False` returns the float32 images (and records) unclipped instead, for
-  comparisons with other code. `on_step(steps_done)`, if given, is called on the host of the first
-  device during the loop (about 50 times per batch), to show progress within a slow batch.
+  comparisons with other code. `on_step(steps_done, num_steps)`, if given, is called on the host
+  of the first device during the loop (about 50 times per batch), to show progress within a slow
+  batch.
   A conditional model samples id i with label `labels.of_ids(label_table, i)`, guided with
   `guidance_scale` (see `guided_model_fn`).
   """
@@ -303,7 +304,7 @@ def make_sampler(
           slot >= 0, lambda r: r.at[slot].set(jnp.stack([x, pred_xstart])), lambda r: r, records
         )
       if on_step is not None:
-        _report_step(i + 1, num_steps, on_step)
+        report_step(i + 1, num_steps, on_step)
       return x, records
 
     x, records = jax.lax.fori_loop(0, num_steps, body, (x, records))
@@ -323,8 +324,9 @@ def make_sampler(
   return sample_with_chain
 
 
-def _report_step(done, num_steps: int, on_step):
-  """Calls on_step(done) from inside the loop, on the first device only, every ~2% of the steps."""
+def report_step(done, num_steps: int, on_step):
+  """Calls on_step(done, num_steps) from inside a loop, on the first device only, every ~2% of the
+  steps (samplers and the inpainter show progress within a slow batch with it)."""
   every = max(1, num_steps // 50)
   due = ((done % every) == 0) & (jax.lax.axis_index(parallel.AXIS) == 0)
   jax.lax.cond(due, lambda: jax.debug.callback(on_step, done, num_steps), lambda: None)
