@@ -17,7 +17,9 @@ import torch
 from diffusers import UNet2DModel
 from PIL import Image
 from sklearn import datasets
+from test_convert import TINY_UNET
 from test_evaluate import low_rank_frechet_distance
+from test_unet import randomize_torch
 
 from conftest import config_flags
 from conftest import run_cli
@@ -656,29 +658,9 @@ def test_diffusers_round_trip_with_num_class_embeds(tmp_path):
   """A random UNet2DModel with num_class_embeds = K + 1 imports to the same eps (with labels) and
   exports back to the same weights, which diffusers loads."""
   torch.manual_seed(0)
-  reference = UNet2DModel(
-    sample_size=8,
-    in_channels=1,
-    out_channels=1,
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-    attention_head_dim=None,
-    norm_eps=1e-6,
-    freq_shift=1,
-    flip_sin_to_cos=False,
-    downsample_padding=0,
-    num_class_embeds=K + 1,
-  ).eval()
-  generator = torch.Generator().manual_seed(1)
+  reference = UNet2DModel(**TINY_UNET, num_class_embeds=K + 1).eval()
   with torch.no_grad():
-    for name, p in reference.named_parameters():
-      noise = torch.randn(p.shape, generator=generator)
-      if p.ndim == 1:
-        p.copy_((1.0 if "norm" in name and name.endswith("weight") else 0.0) + 0.1 * noise)
-      else:
-        p.copy_(noise / math.sqrt(p[0].numel()))
+    randomize_torch(reference, 1)
   reference.save_pretrained(tmp_path / "hub", safe_serialization=True)
   config = cond_config()
   convert_workdir.import_checkpoint(
